@@ -136,6 +136,7 @@ mod tests {
             }),
             ClientMessage::Publish(Publish {
                 request_id: 77,
+                topic: "ticks".into(),
                 partition: 2,
             }),
             ClientMessage::Subscribe(Subscribe {

@@ -109,3 +109,7 @@ impl FrameHeader {
 
 const _: () = assert!(FRAME_HEADER_BYTES == 16);
 const _: () = assert!(crate::batch::BATCH_HEADER_BYTES == 80);
+
+/// TLS ALPN protocol id; carries the protocol version so that incompatible
+/// peers fail the handshake with a clear reason instead of a decode error.
+pub const ALPN: &[u8] = b"arrowbus/1";

@@ -50,10 +50,11 @@ pub struct CreateTopic {
     pub schema_ipc: Option<Vec<u8>>,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
     /// Chosen by the client, echoed in the Ack or Error.
     pub request_id: u64,
+    pub topic: String,
     pub partition: u32,
 }
 

@@ -1,1 +1,212 @@
-fn main() {}
+//! busd: the arrowbus broker.
+//!
+//! `busd dev` runs a single node with embedded defaults (data directory,
+//! certificate, port) and writes a client profile; `busd run --config F`
+//! runs a configured node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrowbus_broker::config::{BrokerConfig, FsyncMode, DEFAULT_PORT};
+use arrowbus_broker::topics::Topics;
+use arrowbus_broker::{profile, server, tls, Broker};
+use clap::{Parser, Subcommand};
+
+/// Exit code for configuration errors: fix the config and start again.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code for storage that cannot be opened or is corrupt: the log line
+/// says which file; restore it or remove the node's data and let it re-sync.
+const EXIT_STORAGE: u8 = 3;
+/// Exit code when the network endpoint cannot be set up (port in use).
+const EXIT_NETWORK: u8 = 4;
+
+#[derive(Parser)]
+#[command(name = "busd", version, about = "arrowbus broker: durable Arrow topic logs over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a single-node broker with embedded defaults and write a client profile.
+    Dev {
+        /// Data directory [default: $ARROWBUS_DATA_DIR or ~/.local/share/arrowbus/dev]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// UDP address to listen on.
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+        listen: SocketAddr,
+        /// fsync policy: always (default; ack after fsync) or interval (weaker).
+        #[arg(long, default_value = "always")]
+        fsync: String,
+        /// Where to write the client profile [default: $ARROWBUS_CONFIG_DIR/profile.toml or ~/.config/arrowbus/profile.toml]
+        #[arg(long)]
+        profile: Option<PathBuf>,
+    },
+    /// Run a node from a TOML config file (see broker/busd.example.toml).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARROWBUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (config, dev_profile) = match cli.cmd {
+        Cmd::Dev {
+            data_dir,
+            listen,
+            fsync,
+            profile,
+        } => {
+            let data_dir = data_dir
+                .or_else(|| std::env::var_os("ARROWBUS_DATA_DIR").map(PathBuf::from))
+                .unwrap_or_else(|| profile::home().join(".local/share/arrowbus/dev"));
+            let mut cfg = BrokerConfig::dev(data_dir, listen);
+            cfg.log.fsync = match fsync.as_str() {
+                "always" => FsyncMode::Always,
+                "interval" => FsyncMode::Interval,
+                other => {
+                    eprintln!("busd: --fsync {other:?}: expected always or interval");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            (cfg, Some(profile.unwrap_or_else(profile::default_profile_path)))
+        }
+        Cmd::Run { config } => {
+            let text = match std::fs::read_to_string(&config) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("busd: cannot read config {}: {e}", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match BrokerConfig::from_toml(&text) {
+                Ok(c) => (c, None),
+                Err(e) => {
+                    eprintln!("busd: {}: {e}", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("busd: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("busd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, dev_profile)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Storage(e)) => {
+            tracing::error!("storage cannot be opened: {e:#}. Check the data directory's disk and permissions; a corrupt file named here must be restored or the node's data removed");
+            ExitCode::from(EXIT_STORAGE)
+        }
+        Err(Failure::Network(e)) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_NETWORK)
+        }
+        Err(Failure::Other(e)) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Storage(anyhow::Error),
+    Network(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), Failure> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))
+        .map_err(Failure::Storage)?;
+    let tls_files = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+        },
+        _ => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            let ip = config.listen.ip();
+            if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+                names.push(ip.to_string());
+            }
+            tls::ensure_dev_certificates(&config.data_dir.join("tls"), &names)
+                .context("creating development certificates")
+                .map_err(Failure::Other)?
+        }
+    };
+    let crypto = tls::server_crypto(&tls_files).context("loading TLS certificate").map_err(Failure::Other)?;
+
+    let data_dir = config.data_dir.clone();
+    let node_id = config.node_id;
+    let log_cfg = config.log_config();
+    let topics = tokio::task::spawn_blocking(move || Topics::open(&data_dir, node_id, log_cfg))
+        .await
+        .map_err(|e| Failure::Other(e.into()))?
+        .map_err(|e| Failure::Storage(e.into()))?;
+    let topics = Arc::new(topics);
+
+    let endpoint = server::bind_endpoint(&config, crypto).map_err(Failure::Network)?;
+    let addr = server::local_addr(&endpoint).unwrap_or(config.listen);
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), node_id = config.node_id, fsync = ?config.log.fsync, "busd listening");
+
+    if let (Some(path), Some(ca)) = (&dev_profile, &tls_files.ca) {
+        let broker_addr = if addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], addr.port())).to_string()
+        } else {
+            addr.to_string()
+        };
+        profile::write_profile(path, &[broker_addr], ca, "localhost")
+            .with_context(|| format!("writing client profile {}", path.display()))
+            .map_err(Failure::Other)?;
+        eprintln!(
+            "arrowbus dev broker on {addr} (data in {}).\nClient profile: {} (busctl and the clients use it).\nTry: busctl topics create ticks --partitions 3\nStop with Ctrl-C.",
+            config.data_dir.display(),
+            path.display()
+        );
+    }
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let broker = Broker::new(config, topics);
+    let serving = tokio::spawn(broker.serve(endpoint, shutdown_rx));
+    wait_for_signal().await;
+    let _ = shutdown_tx.send(true);
+    serving.await.map_err(|e| Failure::Other(e.into()))?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Reading and writing frames on QUIC streams. Lengths are checked by
+//! `FrameHeader::decode` before any buffer is sized from them.
+
+use arrowbus_wire::codec::Message;
+use arrowbus_wire::{decode_control, encode_frame, Frame, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream: {0}")]
+    Stream(#[from] quinn::ReadError),
+}
+
+/// Read one frame; `Ok(None)` when the peer finished the stream cleanly
+/// between frames.
+pub async fn read_frame<M: Message>(recv: &mut quinn::RecvStream) -> Result<Option<Frame<M>>, ReadError> {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(got)) => {
+            return Err(FrameError::Truncated {
+                expected: FRAME_HEADER_BYTES,
+                got,
+            }
+            .into())
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let header = FrameHeader::decode(&head, M::DIRECTION)?;
+    let mut control = vec![0u8; header.control_len as usize];
+    read_exact(recv, &mut control).await?;
+    let msg = decode_control::<M>(&control)?;
+    let mut body = vec![0u8; header.body_len as usize];
+    read_exact(recv, &mut body).await?;
+    Ok(Some(Frame { msg, body }))
+}
+
+async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), ReadError> {
+    recv.read_exact(buf).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(got) => ReadError::Frame(FrameError::Truncated {
+            expected: buf.len(),
+            got,
+        }),
+        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream: {0}")]
+    Stream(#[from] quinn::WriteError),
+}
+
+/// Write one frame; the body is sent from the caller's buffer, uncopied.
+pub async fn write_frame<M: Message>(send: &mut quinn::SendStream, msg: &M, body: Bytes) -> Result<(), WriteError> {
+    let head = Bytes::from(encode_frame(msg, body.len())?);
+    let mut chunks = [head, body];
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}

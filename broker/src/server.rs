@@ -1,0 +1,672 @@
+//! The QUIC server: accepts connections, dispatches each bidirectional stream
+//! by its first frame (unary request, producer pipeline, subscription), and
+//! turns broker errors into error frames. It owns no data: topics and logs
+//! live in [`Topics`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrowbus_raft::log::{AppendTicket, Cursor, LogPosition, StoredBatch};
+use arrowbus_wire::limits::{
+    MAX_BATCH_BYTES, MAX_CONNECTIONS, MAX_CREDIT_BATCHES_PER_SUBSCRIPTION, MAX_CREDIT_BYTES_PER_SUBSCRIPTION,
+    MAX_INFLIGHT_BATCHES_PER_PRODUCER, MAX_SUBSCRIPTIONS_PER_CONNECTION,
+};
+use arrowbus_wire::{
+    Ack, BatchDelivery, BatchHeader, BatchKind, ClientMessage, ClusterMetadata, CreateTopic, Credit, ErrorCode,
+    ErrorReply, Frame, NodeInfo, Publish, ServerMessage, StartAt, Subscribe, Subscribed, BATCH_HEADER_BYTES,
+};
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::BrokerConfig;
+use crate::error::BrokerError;
+use crate::framing::{read_frame, write_frame, ReadError};
+use crate::ipc;
+use crate::topics::{NewTopic, Topics};
+
+/// Bodies at least this large are decoded on the blocking pool: validating a
+/// large batch takes long enough to stall other connections' tasks.
+const BLOCKING_DECODE_MIN_BYTES: usize = 64 * 1024;
+/// Most batches read from the log per blocking read call: bounds the latency
+/// one subscription's read adds before its first batch is sent.
+const READ_BATCHES_PER_CALL_MAX: usize = 64;
+/// Most bytes read from the log per blocking read call (beyond the first batch).
+const READ_BYTES_PER_CALL_MAX: u64 = 4 * 1024 * 1024;
+/// How long a graceful shutdown waits for in-flight publishes to be acknowledged.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// QUIC application close code sent to clients on shutdown.
+pub const CLOSE_SHUTDOWN: u32 = 1;
+/// QUIC application close code for refused connections (limit reached).
+pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 2;
+
+pub struct Broker {
+    pub config: BrokerConfig,
+    pub topics: Arc<Topics>,
+    shutting_down: AtomicBool,
+    connections: AtomicUsize,
+    /// Publishes enqueued and not yet answered: what a graceful shutdown waits for.
+    inflight_publishes: AtomicUsize,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig, topics: Arc<Topics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            topics,
+            shutting_down: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            inflight_publishes: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accept connections until `shutdown` fires, then drain and close.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                        warn!(remote = %incoming.remote_address(), "refusing connection: {MAX_CONNECTIONS} connections open");
+                        incoming.refuse();
+                        continue;
+                    }
+                    let broker = self.clone();
+                    conns.spawn(async move { broker.connection(incoming).await });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        info!("shutting down: refusing new publishes, draining in-flight ones");
+        self.shutting_down.store(true, Ordering::SeqCst);
+        endpoint.set_server_config(None);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_MAX;
+        while self.inflight_publishes.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        endpoint.close(CLOSE_SHUTDOWN.into(), b"broker shutting down");
+        conns.shutdown().await;
+        retention.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let topics = self.topics.clone();
+        let _ = tokio::task::spawn_blocking(move || topics.close_all()).await;
+        info!("shutdown complete");
+    }
+
+    async fn retention_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.config.log.retention_check_interval_ms);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            let topics = self.topics.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let now = crate::topics::now_ms();
+                let mut deleted = 0;
+                for t in topics.list() {
+                    for p in &t.partitions {
+                        match p.log.enforce_retention(now, t.meta.retention_ms, t.meta.retention_bytes) {
+                            Ok(n) => deleted += n,
+                            Err(e) => warn!(topic = %t.meta.name, partition = p.id, error = %e, "retention failed"),
+                        }
+                    }
+                }
+                deleted
+            })
+            .await;
+            if let Ok(n) = res {
+                if n > 0 {
+                    info!(segments = n, "retention deleted segments");
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        let _guard = CountGuard(&self.connections);
+        let span = info_span!("conn", %remote);
+        async {
+            debug!("connected");
+            let subscriptions = Arc::new(AtomicUsize::new(0));
+            let mut streams = JoinSet::new();
+            loop {
+                tokio::select! {
+                    s = conn.accept_bi() => match s {
+                        Ok((send, recv)) => {
+                            let broker = self.clone();
+                            let subs = subscriptions.clone();
+                            streams.spawn(async move { broker.stream(send, recv, subs).await });
+                        }
+                        Err(e) => {
+                            debug!(reason = %e, "connection closed");
+                            break;
+                        }
+                    },
+                    Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                }
+            }
+            // Dropping the JoinSet aborts the connection's streams: they own
+            // nothing that outlives the connection.
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, subs: Arc<AtomicUsize>) {
+        let first = match read_frame::<ClientMessage>(&mut recv).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                reject_stream(&mut send, &mut recv, ErrorCode::for_read_error(&e), e.to_string()).await;
+                return;
+            }
+        };
+        match first.msg {
+            ClientMessage::Publish(p) => self.publish_pipeline(send, recv, p, first.body).await,
+            ClientMessage::Subscribe(s) => {
+                if subs.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+                    subs.fetch_sub(1, Ordering::SeqCst);
+                    let msg = format!(
+                        "this connection already has {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions; open another connection"
+                    );
+                    reject_stream(&mut send, &mut recv, ErrorCode::TooManySubscriptions, msg).await;
+                    return;
+                }
+                let _guard = CountGuard(&subs);
+                let span = info_span!("sub", topic = %s.topic, partition = s.partition);
+                self.subscription(send, recv, s).instrument(span).await
+            }
+            ClientMessage::Credit(_) => {
+                let msg = "Credit is only valid on a subscription stream, after Subscribe";
+                reject_stream(&mut send, &mut recv, ErrorCode::UnexpectedMessage, msg.into()).await;
+            }
+            other => {
+                let reply = match self.unary(other).await {
+                    Ok(m) => m,
+                    Err(e) => ServerMessage::Error(e.reply(0)),
+                };
+                if write_frame(&mut send, &reply, Bytes::new()).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+        }
+    }
+
+    async fn unary(self: &Arc<Self>, msg: ClientMessage) -> Result<ServerMessage, BrokerError> {
+        match msg {
+            ClientMessage::CreateTopic(c) => {
+                let CreateTopic {
+                    name,
+                    partitions,
+                    replication_factor,
+                    retention_ms,
+                    retention_bytes,
+                    schema_ipc,
+                } = c;
+                let defaults = (
+                    self.config.log.default_retention_ms,
+                    self.config.log.default_retention_bytes,
+                );
+                let topics = self.topics.clone();
+                let topic = blocking(move || {
+                    topics.create(
+                        NewTopic {
+                            name,
+                            partitions,
+                            replication_factor,
+                            retention_ms,
+                            retention_bytes,
+                            schema_ipc,
+                        },
+                        defaults,
+                    )
+                })
+                .await?;
+                info!(topic = %topic.meta.name, partitions = topic.meta.partitions, "topic created");
+                Ok(ServerMessage::Topic(topic.info()))
+            }
+            ClientMessage::DeleteTopic { topic } => {
+                let topics = self.topics.clone();
+                let name = topic.clone();
+                blocking(move || topics.delete(&name)).await?;
+                info!(%topic, "topic deleted");
+                Ok(ServerMessage::TopicDeleted { topic })
+            }
+            ClientMessage::ListTopics => Ok(ServerMessage::Topics(
+                self.topics.list().iter().map(|t| t.info()).collect(),
+            )),
+            ClientMessage::DescribeTopic { topic } => Ok(ServerMessage::Topic(self.topics.get(&topic)?.info())),
+            ClientMessage::Metadata => Ok(ServerMessage::Metadata(ClusterMetadata {
+                nodes: vec![NodeInfo {
+                    id: self.config.node_id,
+                    addr: self.config.advertised(),
+                }],
+            })),
+            ClientMessage::SetSchemaIfAbsent { topic, schema_ipc } => {
+                let topics = self.topics.clone();
+                let s = blocking(move || topics.set_schema_if_absent(&topic, &schema_ipc)).await?;
+                Ok(ServerMessage::Schema {
+                    schema_id: s.id,
+                    schema_ipc: s.ipc.to_vec(),
+                })
+            }
+            ClientMessage::Publish(_) | ClientMessage::Subscribe(_) | ClientMessage::Credit(_) => Err(
+                BrokerError::new(ErrorCode::UnexpectedMessage, "streaming message in a unary request"),
+            ),
+        }
+    }
+
+    /// A producer pipeline: publishes are validated and enqueued in arrival
+    /// order by this task; their acks are written in the same order by a
+    /// second one. The channel between them holds at most the in-flight
+    /// window, so a producer that sends faster than the log syncs is slowed by
+    /// QUIC flow control, not buffered.
+    async fn publish_pipeline(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, first: Publish, first_body: Vec<u8>) {
+        let (tx, mut rx) = mpsc::channel::<(Publish, Result<AppendTicket, BrokerError>)>(MAX_INFLIGHT_BATCHES_PER_PRODUCER);
+        let broker = self.clone();
+        let acker = async move {
+            while let Some((p, res)) = rx.recv().await {
+                let reply = match res {
+                    Ok(ticket) => {
+                        let r = ticket.await;
+                        broker.inflight_publishes.fetch_sub(1, Ordering::SeqCst);
+                        match r {
+                            Ok(appended) => match appended.first() {
+                                Some(a) => ServerMessage::Ack(Ack {
+                                    request_id: p.request_id,
+                                    partition: p.partition,
+                                    base_offset: a.base_offset,
+                                    rows: a.row_count,
+                                    timestamp_ms: a.timestamp_ms,
+                                }),
+                                None => ServerMessage::Error(
+                                    BrokerError::internal("log acknowledged no entry").reply(p.request_id),
+                                ),
+                            },
+                            Err(e) => ServerMessage::Error(BrokerError::from(e).reply(p.request_id)),
+                        }
+                    }
+                    Err(e) => ServerMessage::Error(e.reply(p.request_id)),
+                };
+                if write_frame(&mut send, &reply, Bytes::new()).await.is_err() {
+                    // The client is gone; what was enqueued is still stored.
+                    return;
+                }
+            }
+            let _ = send.finish();
+        };
+        let broker = self.clone();
+        let reader = async move {
+            let mut next = Some((first, first_body));
+            loop {
+                let (p, body) = match next.take() {
+                    Some(x) => x,
+                    None => match read_frame::<ClientMessage>(&mut recv).await {
+                        Ok(Some(Frame {
+                            msg: ClientMessage::Publish(p),
+                            body,
+                        })) => (p, body),
+                        Ok(Some(_)) => {
+                            let e = BrokerError::new(ErrorCode::UnexpectedMessage, "only Publish frames may follow a Publish on a producer stream");
+                            let _ = tx.send((Publish { request_id: 0, topic: String::new(), partition: 0 }, Err(e))).await;
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let e = BrokerError::new(ErrorCode::for_read_error(&e), e.to_string());
+                            let _ = tx.send((Publish { request_id: 0, topic: String::new(), partition: 0 }, Err(e))).await;
+                            break;
+                        }
+                    },
+                };
+                let res = broker.clone().validate_and_enqueue(&p, Bytes::from(body)).await;
+                if res.is_ok() {
+                    broker.inflight_publishes.fetch_add(1, Ordering::SeqCst);
+                }
+                if tx.send((p, res)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = recv.stop(0u32.into());
+        };
+        tokio::join!(reader, acker);
+    }
+
+    /// The write path up to the log: limits, topic, CRCs, schema id, full
+    /// Arrow decode and validation, then enqueue (offsets are assigned there).
+    async fn validate_and_enqueue(self: Arc<Self>, p: &Publish, record: Bytes) -> Result<AppendTicket, BrokerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(BrokerError::new(
+                ErrorCode::ShuttingDown,
+                "the broker is shutting down; retry against it once it is back, or another node",
+            ));
+        }
+        if record.len() > MAX_BATCH_BYTES as usize {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!("batch of {} bytes exceeds the limit of {MAX_BATCH_BYTES}; split it", record.len()),
+            ));
+        }
+        let topic = self.topics.get(&p.topic)?;
+        let partition = topic.partition(p.partition)?.clone();
+        let header = BatchHeader::decode(&record).map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+        let body = record.slice(BATCH_HEADER_BYTES..);
+        header
+            .verify_body(&body)
+            .map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+        if header.kind != BatchKind::Data {
+            return Err(BrokerError::new(ErrorCode::InvalidArgument, "producers publish data batches only; control batches are written by the broker"));
+        }
+        if header.is_transactional() || header.producer_id != -1 {
+            return Err(BrokerError::new(ErrorCode::InvalidArgument, "idempotent and transactional producers are not available in this version; publish without a producer id"));
+        }
+        let schema = topic.schema().ok_or_else(|| {
+            BrokerError::new(ErrorCode::SchemaNotSet, format!("topic '{}' has no schema yet; send SetSchemaIfAbsent first (the clients do this on the first publish)", p.topic))
+        })?;
+        if header.schema_id != schema.id {
+            return Err(BrokerError::new(
+                ErrorCode::SchemaMismatch,
+                format!("batch is encoded for schema id {} but topic '{}' has schema id {}; refresh the topic schema", header.schema_id, p.topic, schema.id),
+            ));
+        }
+        let rows = if body.len() >= BLOCKING_DECODE_MIN_BYTES {
+            let b = body.clone();
+            blocking(move || ipc::decode_body(&schema, b).map(|x| x.num_rows()).map_err(BrokerError::from)).await?
+        } else {
+            ipc::decode_body(&schema, body.clone())?.num_rows()
+        };
+        if rows != header.row_count as usize {
+            return Err(BrokerError::new(
+                ErrorCode::CorruptBatch,
+                format!("batch header says {} rows, the Arrow body has {rows}", header.row_count),
+            ));
+        }
+        partition.enqueue(header, body)
+    }
+
+    /// A subscription: push stored batches while credit lasts, wait for
+    /// credit or new data otherwise. Memory held: at most one read's worth of
+    /// batches, bounded by the credit.
+    async fn subscription(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, s: Subscribe) {
+        let setup = || -> Result<_, BrokerError> {
+            check_credit(Credit::default(), s.credit)?;
+            let topic = self.topics.get(&s.topic)?;
+            let partition = topic.partition(s.partition)?.clone();
+            let log = partition.log.clone();
+            let flushed = log.flushed();
+            let hw = *flushed.borrow();
+            let (cursor, start_offset) = match s.start {
+                StartAt::Earliest => {
+                    let c = log.seek_offset(log.start_offset())?;
+                    let o = c.next_offset();
+                    (c, o)
+                }
+                StartAt::Latest => (log.seek_offset(hw.next_offset)?, hw.next_offset),
+                StartAt::Offset(o) => (log.seek_offset(o)?, o),
+                StartAt::Timestamp(t) => {
+                    let c = log.seek_timestamp(t)?;
+                    let o = c.next_offset();
+                    (c, o)
+                }
+            };
+            Ok((topic, log, flushed, hw, cursor, start_offset))
+        };
+        let (topic, log, mut flushed, hw, mut cursor, start_offset) = match setup() {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = write_frame(&mut send, &ServerMessage::Error(e.reply(0)), Bytes::new()).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let schema = topic.schema();
+        let subscribed = ServerMessage::Subscribed(Subscribed {
+            schema_id: schema.as_ref().map_or(0, |s| s.id),
+            schema_ipc: schema.map(|s| s.ipc.to_vec()).unwrap_or_default(),
+            start_offset,
+            high_watermark: hw.next_offset,
+        });
+        if write_frame(&mut send, &subscribed, Bytes::new()).await.is_err() {
+            return;
+        }
+        debug!(start_offset, "subscribed");
+
+        // Credit frames are read by their own task: reading a frame is not
+        // cancel-safe, so it cannot sit in the select below.
+        let (credit_tx, mut credit_rx) = mpsc::channel::<Result<Credit, BrokerError>>(16);
+        let credit_reader = tokio::spawn(async move {
+            loop {
+                let r = match read_frame::<ClientMessage>(&mut recv).await {
+                    Ok(Some(Frame { msg: ClientMessage::Credit(c), .. })) => Ok(c),
+                    Ok(Some(_)) => Err(BrokerError::new(ErrorCode::UnexpectedMessage, "only Credit frames may follow Subscribe")),
+                    Ok(None) => return,
+                    Err(e) => Err(BrokerError::new(ErrorCode::for_read_error(&e), e.to_string())),
+                };
+                let stop = r.is_err();
+                if credit_tx.send(r).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let _abort = AbortOnDrop(credit_reader);
+
+        let mut credit = s.credit;
+        let mut skip_before = start_offset;
+        loop {
+            if credit.batches == 0 || credit.bytes == 0 {
+                match credit_rx.recv().await {
+                    Some(Ok(c)) => match check_credit(credit, c) {
+                        Ok(total) => credit = total,
+                        Err(e) => return fail(&mut send, e).await,
+                    },
+                    Some(Err(e)) => return fail(&mut send, e).await,
+                    None => return, // subscriber finished its side: done
+                }
+                continue;
+            }
+            let visible: LogPosition = *flushed.borrow_and_update();
+            let log2 = log.clone();
+            let c = credit;
+            let read = blocking(move || read_some(&log2, cursor, visible.last_index, c)).await;
+            let batches;
+            (cursor, batches) = match read {
+                Ok(x) => x,
+                Err(e) => return fail(&mut send, e).await,
+            };
+            if batches.is_empty() {
+                tokio::select! {
+                    changed = flushed.changed() => if changed.is_err() {
+                        return fail(&mut send, BrokerError::new(ErrorCode::TopicNotFound, format!("topic '{}' was deleted or the broker is shutting down", s.topic))).await;
+                    },
+                    c = credit_rx.recv() => match c {
+                        Some(Ok(c)) => match check_credit(credit, c) {
+                            Ok(total) => credit = total,
+                            Err(e) => return fail(&mut send, e).await,
+                        },
+                        Some(Err(e)) => return fail(&mut send, e).await,
+                        None => return,
+                    },
+                }
+                continue;
+            }
+            for b in batches {
+                credit.batches -= 1;
+                credit.bytes = credit.bytes.saturating_sub(b.record.len() as u64);
+                if !b.header.kind.is_delivered() {
+                    continue;
+                }
+                let skip_rows = skip_before.saturating_sub(b.header.base_offset).min(u64::from(b.header.row_count)) as u32;
+                skip_before = 0;
+                let msg = ServerMessage::Batch(BatchDelivery {
+                    skip_rows,
+                    high_watermark: visible.next_offset,
+                });
+                if write_frame(&mut send, &msg, Bytes::from(b.record)).await.is_err() {
+                    return; // subscriber went away
+                }
+            }
+        }
+    }
+}
+
+/// Read batches at the cursor that are visible (index <= max_index), within
+/// the credit. The first batch is read even if it alone exceeds the byte
+/// credit: batches are never split.
+fn read_some(
+    log: &arrowbus_raft::log::PartitionLog,
+    mut cursor: Cursor,
+    max_index: u64,
+    credit: Credit,
+) -> Result<(Cursor, Vec<StoredBatch>), BrokerError> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let byte_budget = credit.bytes.min(READ_BYTES_PER_CALL_MAX);
+    let count_budget = (credit.batches as usize).min(READ_BATCHES_PER_CALL_MAX);
+    while out.len() < count_budget && (out.is_empty() || bytes < byte_budget) {
+        match log.read(&mut cursor, max_index)? {
+            Some(b) => {
+                bytes += b.record.len() as u64;
+                out.push(b);
+            }
+            None => break,
+        }
+    }
+    Ok((cursor, out))
+}
+
+fn check_credit(have: Credit, add: Credit) -> Result<Credit, BrokerError> {
+    let total = Credit {
+        bytes: have.bytes.saturating_add(add.bytes),
+        batches: have.batches.saturating_add(add.batches),
+    };
+    if total.bytes > MAX_CREDIT_BYTES_PER_SUBSCRIPTION || total.batches > MAX_CREDIT_BATCHES_PER_SUBSCRIPTION {
+        return Err(BrokerError::new(
+            ErrorCode::CreditTooLarge,
+            format!(
+                "credit would reach {} bytes / {} batches; a subscription holds at most {MAX_CREDIT_BYTES_PER_SUBSCRIPTION} bytes and {MAX_CREDIT_BATCHES_PER_SUBSCRIPTION} batches",
+                total.bytes, total.batches
+            ),
+        ));
+    }
+    Ok(total)
+}
+
+async fn fail(send: &mut quinn::SendStream, e: BrokerError) {
+    let _ = write_frame(send, &ServerMessage::Error(e.reply(0)), Bytes::new()).await;
+    let _ = send.finish();
+}
+
+async fn reject_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: ErrorCode, message: String) {
+    let reply = ServerMessage::Error(ErrorReply::new(code, message));
+    let _ = write_frame(send, &reply, Bytes::new()).await;
+    let _ = send.finish();
+    let _ = recv.stop(0u32.into());
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::internal(format!("blocking task failed: {e}")))?
+}
+
+struct CountGuard<'a>(&'a AtomicUsize);
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+trait ForReadError {
+    fn for_read_error(e: &ReadError) -> ErrorCode;
+}
+
+impl ForReadError for ErrorCode {
+    fn for_read_error(e: &ReadError) -> ErrorCode {
+        use arrowbus_wire::FrameError as F;
+        match e {
+            ReadError::Frame(F::Version { .. }) => ErrorCode::UnsupportedVersion,
+            ReadError::Frame(F::ControlLen { .. } | F::BodyTooLarge { .. }) => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Bind the QUIC endpoint with the configured transport limits.
+pub fn bind_endpoint(config: &BrokerConfig, crypto: Arc<rustls::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+    use quinn::{IdleTimeout, TransportConfig, VarInt};
+    let q = &config.quic;
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(q.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .receive_window(VarInt::try_from(q.connection_receive_window_bytes)?)
+        .stream_receive_window(VarInt::try_from(q.stream_receive_window_bytes)?)
+        .send_window(q.send_window_bytes)
+        .max_idle_timeout(Some(IdleTimeout::try_from(Duration::from_millis(q.idle_timeout_ms))?))
+        .keep_alive_interval(Some(Duration::from_millis(q.keep_alive_ms)));
+    let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+    server.transport_config(Arc::new(transport));
+    let socket = std::net::UdpSocket::bind(config.listen)
+        .map_err(|e| anyhow::anyhow!("cannot bind UDP {}: {e} (is another busd running there?)", config.listen))?;
+    set_socket_buffers(&socket, q.socket_buffer_bytes);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok(endpoint)
+}
+
+/// Larger UDP buffers let bursts of QUIC packets through without drops (the
+/// kernel default of ~200 KiB caps loopback throughput). Best effort: the
+/// kernel clamps to its maximum.
+fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let v: libc::c_int = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: fd is a valid open socket for the duration of the call and
+        // the option value points at a live c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            warn!(opt, "could not set UDP socket buffer size");
+        }
+    }
+}
+
+pub fn local_addr(endpoint: &quinn::Endpoint) -> Option<SocketAddr> {
+    endpoint.local_addr().ok()
+}

@@ -1,0 +1,127 @@
+//! Topic administration.
+
+use arrow_schema::Schema;
+use arrowbus_wire::{ClientMessage, ClusterMetadata, CreateTopic, ServerMessage, TopicInfo};
+
+use crate::error::{Error, Result};
+use crate::schema::encode_schema;
+use crate::Client;
+
+/// What to create. Defaults: 1 partition, replication factor 1, the
+/// broker's default retention, schema fixed by the first publish.
+#[derive(Debug, Clone)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub schema: Option<Schema>,
+}
+
+impl NewTopic {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            partitions: 1,
+            replication_factor: 1,
+            retention_ms: None,
+            retention_bytes: None,
+            schema: None,
+        }
+    }
+    pub fn partitions(mut self, n: u32) -> Self {
+        self.partitions = n;
+        self
+    }
+    pub fn replication_factor(mut self, n: u16) -> Self {
+        self.replication_factor = n;
+        self
+    }
+    pub fn retention_ms(mut self, ms: u64) -> Self {
+        self.retention_ms = Some(ms);
+        self
+    }
+    pub fn retention_bytes(mut self, bytes: u64) -> Self {
+        self.retention_bytes = Some(bytes);
+        self
+    }
+    pub fn schema(mut self, schema: Schema) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    pub(crate) client: Client,
+}
+
+impl Admin {
+    pub async fn create_topic(&self, t: NewTopic) -> Result<TopicInfo> {
+        let schema_ipc = match &t.schema {
+            Some(s) => Some(encode_schema(s)?),
+            None => None,
+        };
+        let msg = ClientMessage::CreateTopic(CreateTopic {
+            name: t.name,
+            partitions: t.partitions,
+            replication_factor: t.replication_factor,
+            retention_ms: t.retention_ms,
+            retention_bytes: t.retention_bytes,
+            schema_ipc,
+        });
+        match self.client.conn.request(&msg).await? {
+            ServerMessage::Topic(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        match self
+            .client
+            .conn
+            .request(&ClientMessage::DeleteTopic { topic: name.into() })
+            .await?
+        {
+            ServerMessage::TopicDeleted { .. } => {
+                self.client.forget_topic(name);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        match self.client.conn.request(&ClientMessage::ListTopics).await? {
+            ServerMessage::Topics(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        self.client.describe(name).await
+    }
+
+    pub async fn metadata(&self) -> Result<ClusterMetadata> {
+        match self.client.conn.request(&ClientMessage::Metadata).await? {
+            ServerMessage::Metadata(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+pub(crate) fn unexpected(m: ServerMessage) -> Error {
+    let name = match m {
+        ServerMessage::Error(_) => "Error",
+        ServerMessage::Topic(_) => "Topic",
+        ServerMessage::Topics(_) => "Topics",
+        ServerMessage::TopicDeleted { .. } => "TopicDeleted",
+        ServerMessage::Metadata(_) => "Metadata",
+        ServerMessage::Schema { .. } => "Schema",
+        ServerMessage::Ack(_) => "Ack",
+        ServerMessage::Subscribed(_) => "Subscribed",
+        ServerMessage::Batch(_) => "Batch",
+    };
+    Error::Protocol(format!("unexpected {name} reply"))
+}

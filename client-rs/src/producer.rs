@@ -1,0 +1,309 @@
+//! Publishing. One long-lived QUIC stream per (topic, partition) carries a
+//! pipeline of publishes; acks come back in order on the same stream. The
+//! window (batches and bytes in flight) is a pair of semaphores: when it is
+//! full, `send` waits. That is backpressure, not an error.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use arrow_array::RecordBatch;
+use arrowbus_wire::limits::{MAX_BATCH_BYTES, MAX_INFLIGHT_BATCHES_PER_PRODUCER, MAX_INFLIGHT_BYTES_PER_PRODUCER};
+use arrowbus_wire::{BatchHeader, ClientMessage, ErrorCode, Publish, ServerMessage, BATCH_HEADER_BYTES};
+use bytes::Bytes;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::conn::{read_frame, transport, write_frame_chunks};
+use crate::error::{Error, Result};
+use crate::schema::{conform, encode_body};
+use crate::Client;
+
+/// The broker's answer to a publish: where the rows went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub partition: u32,
+    /// Offset of the batch's first row.
+    pub base_offset: u64,
+    pub rows: u32,
+    /// Append time assigned by the broker, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Batches in flight per partition (1 to the protocol's 5).
+    pub max_inflight_batches: usize,
+    /// Bytes in flight per partition.
+    pub max_inflight_bytes: u64,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight_batches: MAX_INFLIGHT_BATCHES_PER_PRODUCER,
+            max_inflight_bytes: MAX_INFLIGHT_BYTES_PER_PRODUCER,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Producer {
+    client: Client,
+    cfg: ProducerConfig,
+    pipelines: Arc<tokio::sync::Mutex<HashMap<(String, u32), Arc<Pipeline>>>>,
+    round_robin: Arc<AtomicU32>,
+}
+
+/// An in-flight publish; resolves to its [`Ack`] once the batch is durable.
+pub struct PendingAck(oneshot::Receiver<Result<Ack>>);
+
+impl Future for PendingAck {
+    type Output = Result<Ack>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Err(Error::Transport("publish outcome unknown: the producer stream ended".into())))
+        })
+    }
+}
+
+impl Producer {
+    pub(crate) fn new(client: Client, cfg: ProducerConfig) -> Self {
+        let cfg = ProducerConfig {
+            max_inflight_batches: cfg.max_inflight_batches.clamp(1, MAX_INFLIGHT_BATCHES_PER_PRODUCER),
+            max_inflight_bytes: cfg.max_inflight_bytes.clamp(u64::from(MAX_BATCH_BYTES), MAX_INFLIGHT_BYTES_PER_PRODUCER),
+        };
+        Self {
+            client,
+            cfg,
+            pipelines: Arc::default(),
+            round_robin: Arc::default(),
+        }
+    }
+
+    /// Publish one batch (partition chosen round-robin) and wait until it is
+    /// durable. For throughput, use [`Producer::send`] and await the acks later.
+    pub async fn publish(&self, topic: &str, batch: &RecordBatch) -> Result<Ack> {
+        self.send(topic, None, batch).await?.await
+    }
+
+    /// Publish one batch to a given partition and wait for its ack.
+    pub async fn publish_to(&self, topic: &str, partition: u32, batch: &RecordBatch) -> Result<Ack> {
+        self.send(topic, Some(partition), batch).await?.await
+    }
+
+    /// Put a batch in flight. Waits only while the partition's window is
+    /// full; the returned [`PendingAck`] resolves when it is durable.
+    pub async fn send(&self, topic: &str, partition: Option<u32>, batch: &RecordBatch) -> Result<PendingAck> {
+        let state = self.client.topic_state(topic, Some(batch)).await?;
+        let schema = state
+            .schema
+            .as_ref()
+            .ok_or_else(|| Error::Protocol(format!("topic '{topic}' has no schema after setting it")))?;
+        let partition = match partition {
+            Some(p) if p < state.partitions => p,
+            Some(p) => {
+                return Err(Error::Broker {
+                    code: ErrorCode::PartitionNotFound.as_u16(),
+                    name: ErrorCode::PartitionNotFound.name(),
+                    message: format!("topic '{topic}' has partitions 0..{}; partition {p} does not exist", state.partitions),
+                    leader_hint: None,
+                })
+            }
+            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % state.partitions.max(1),
+        };
+        let batch = conform(batch, &schema.schema)?;
+        let body = encode_body(&batch)?;
+        let rows = u32::try_from(batch.num_rows())
+            .map_err(|_| Error::BatchTooLarge(format!("{} rows exceed the 2^32 rows of one batch", batch.num_rows())))?;
+        let record_len = BATCH_HEADER_BYTES + body.len();
+        if record_len > MAX_BATCH_BYTES as usize {
+            return Err(Error::BatchTooLarge(format!(
+                "batch of {rows} rows encodes to {record_len} bytes, over the limit of {MAX_BATCH_BYTES}; split it (Producer::send_split does)"
+            )));
+        }
+        let header = BatchHeader::for_body(&body, rows, schema.id)
+            .map_err(|e| Error::BatchTooLarge(e.to_string()))?;
+        let pipeline = self.pipeline(topic, partition).await?;
+        pipeline
+            .send(topic, partition, Bytes::copy_from_slice(&header.encode()), body)
+            .await
+    }
+
+    /// Like [`Producer::send`], but a batch over the size limit is split by
+    /// rows into pieces under it. Returns one pending ack per piece.
+    pub async fn send_split(&self, topic: &str, partition: Option<u32>, batch: &RecordBatch) -> Result<Vec<PendingAck>> {
+        let mut out = Vec::new();
+        let mut work = vec![batch.clone()];
+        while let Some(b) = work.pop() {
+            match self.send(topic, partition, &b).await {
+                Ok(p) => out.push(p),
+                Err(Error::BatchTooLarge(_)) if b.num_rows() > 1 => {
+                    let half = b.num_rows() / 2;
+                    // Pushed in reverse so the first half is sent first.
+                    work.push(b.slice(half, b.num_rows() - half));
+                    work.push(b.slice(0, half));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publish an Arrow IPC body exactly as given (dictionary messages and
+    /// one record batch message, no schema), claiming `rows` rows and schema
+    /// `schema_id`. Nothing is checked on this side: for tests and tools that
+    /// exercise the broker's validation of untrusted bodies.
+    #[doc(hidden)]
+    pub async fn send_raw(&self, topic: &str, partition: u32, schema_id: u32, rows: u32, body: Bytes) -> Result<PendingAck> {
+        let header =
+            BatchHeader::for_body(&body, rows, schema_id).map_err(|e| Error::BatchTooLarge(e.to_string()))?;
+        let pipeline = self.pipeline(topic, partition).await?;
+        pipeline
+            .send(topic, partition, Bytes::copy_from_slice(&header.encode()), body)
+            .await
+    }
+
+    async fn pipeline(&self, topic: &str, partition: u32) -> Result<Arc<Pipeline>> {
+        let mut map = self.pipelines.lock().await;
+        let key = (topic.to_owned(), partition);
+        if let Some(p) = map.get(&key) {
+            if !p.dead.load(Ordering::SeqCst) {
+                return Ok(p.clone());
+            }
+        }
+        let p = Arc::new(Pipeline::open(&self.client, topic, &self.cfg).await?);
+        map.insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+struct Pending {
+    request_id: u64,
+    tx: oneshot::Sender<Result<Ack>>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+struct Pipeline {
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    count: Arc<Semaphore>,
+    /// Byte window, in KiB permits (semaphore permits are u32 per acquire).
+    kib: Arc<Semaphore>,
+    next_id: AtomicU64,
+    dead: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Pipeline {
+    async fn open(client: &Client, topic: &str, cfg: &ProducerConfig) -> Result<Self> {
+        let (send, mut recv) = client.conn.connection.open_bi().await.map_err(transport)?;
+        let pending: Arc<Mutex<VecDeque<Pending>>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let (p2, d2, c2, t2) = (pending.clone(), dead.clone(), client.clone(), topic.to_owned());
+        let reader = tokio::spawn(async move {
+            let end_reason = loop {
+                let msg = match read_frame::<ServerMessage>(&mut recv).await {
+                    Ok(Some(f)) => f.msg,
+                    Ok(None) => break "the broker closed the producer stream".to_owned(),
+                    Err(e) => break e.to_string(),
+                };
+                let (request_id, result) = match msg {
+                    ServerMessage::Ack(a) => (
+                        a.request_id,
+                        Ok(Ack {
+                            partition: a.partition,
+                            base_offset: a.base_offset,
+                            rows: a.rows,
+                            timestamp_ms: a.timestamp_ms,
+                        }),
+                    ),
+                    ServerMessage::Error(e) => {
+                        if matches!(
+                            ErrorCode::from_u16(e.code),
+                            Some(ErrorCode::SchemaMismatch | ErrorCode::SchemaNotSet | ErrorCode::TopicNotFound)
+                        ) {
+                            // Our cached topic state is stale: refetch next time.
+                            c2.forget_topic(&t2);
+                        }
+                        if e.request_id == 0 {
+                            break format!("the broker ended the producer stream: {}", e.message);
+                        }
+                        (e.request_id, Err(Error::from_reply(&e)))
+                    }
+                    _ => break "unexpected message on a producer stream".to_owned(),
+                };
+                let next = p2.lock().ok().and_then(|mut q| q.pop_front());
+                match next {
+                    Some(p) if p.request_id == request_id => {
+                        let _ = p.tx.send(result);
+                    }
+                    Some(p) => {
+                        let _ = p.tx.send(Err(Error::Protocol(format!(
+                            "ack for request {request_id} arrived while {} was expected",
+                            p.request_id
+                        ))));
+                        break "acks arrived out of order".to_owned();
+                    }
+                    None => break format!("ack for request {request_id} that is not in flight"),
+                }
+            };
+            d2.store(true, Ordering::SeqCst);
+            let drained: Vec<Pending> = p2.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+            for p in drained {
+                let _ = p.tx.send(Err(Error::Transport(format!(
+                    "publish outcome unknown ({end_reason}): the batch may or may not be stored"
+                ))));
+            }
+        });
+        Ok(Self {
+            send: tokio::sync::Mutex::new(send),
+            pending,
+            count: Arc::new(Semaphore::new(cfg.max_inflight_batches)),
+            kib: Arc::new(Semaphore::new((cfg.max_inflight_bytes / 1024) as usize)),
+            next_id: AtomicU64::new(1),
+            dead,
+            reader,
+        })
+    }
+
+    async fn send(&self, topic: &str, partition: u32, header: Bytes, body: Bytes) -> Result<PendingAck> {
+        let kib = ((header.len() + body.len()) / 1024 + 1) as u32;
+        let closed = |_| Error::Transport("producer stream closed".into());
+        let count = self.count.clone().acquire_owned().await.map_err(closed)?;
+        let bytes = self.kib.clone().acquire_many_owned(kib).await.map_err(closed)?;
+        // The stream lock orders frames and the pending queue identically.
+        let mut send = self.send.lock().await;
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(Error::Transport("producer stream closed; retry".into()));
+        }
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| Error::Protocol("pending queue poisoned".into()))?
+            .push_back(Pending {
+                request_id,
+                tx,
+                _permits: (count, bytes),
+            });
+        let msg = ClientMessage::Publish(Publish {
+            request_id,
+            topic: topic.to_owned(),
+            partition,
+        });
+        if let Err(e) = write_frame_chunks(&mut send, &msg, vec![header, body]).await {
+            self.dead.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(PendingAck(rx))
+    }
+}

@@ -1,0 +1,1283 @@
+//! The partition log on disk: an append-only sequence of batches in segment
+//! files. It is both the topic log subscribers read and (later) the openraft
+//! log store, so there is exactly one write path.
+//!
+//! # What it owns
+//! - The segment files and their sparse indexes in one directory, and the
+//!   only writer of them: a dedicated thread that commits appends in groups
+//!   (one `fdatasync` per group) and applies suffix truncations in order.
+//! - Offset assignment: an entry's `base_offset` is the log's next offset at
+//!   its position, so every replica computes the same offsets from the same
+//!   entries. Offsets count rows ([`BatchHeader::offset_count`]).
+//! - Recovery: the last segment's torn tail is cut off; anything else that
+//!   does not verify refuses to open ([`LogError::Corrupt`]).
+//!
+//! # What it must never do
+//! - Acknowledge an append (complete its ticket) or publish a flushed
+//!   position before the bytes are fsynced (with [`FsyncPolicy::Always`]).
+//! - Hand a reader bytes beyond the flushed position.
+//! - Write after an fsync failed: the page cache may have dropped the dirty
+//!   pages, so the file no longer says what we think ("fsyncgate"). The log
+//!   goes [`LogError::Failed`] for good and the node must restart.
+//! - Keep per-batch state in memory: only a sparse index (one point per
+//!   `index_interval_bytes`) and a few words per segment.
+//! - Interpret bodies (Arrow IPC): they are stored and returned verbatim.
+//!
+//! # On-disk layout
+//! ```text
+//! <dir>/
+//!   00000000000000000001.seg    sealed segment, named by its first log index
+//!   00000000000000000001.idx    its sparse index (sealed segments only)
+//!   00000000000000000873.seg    the active segment: the only one written
+//!   *.tmp                       half-made files; deleted on open
+//!
+//! segment file:
+//!   off size
+//!     0    8 magic "ABSEG\0\0\x01" (last byte: segment format version)
+//!     8    8 base_index   first log index (== the file name)
+//!    16    8 base_offset  first offset
+//!    24    8 prev_term    log id of entry base_index-1, so that an empty
+//!    32    8 prev_leader  log still knows its last log id
+//!    40    4 flags        bit 0: prev log id present
+//!    44    4 crc32c of bytes 0..44
+//!    48      record*      each: 80-byte BatchHeader + body (arrowbus_wire::batch),
+//!                         strictly consecutive log indexes; offsets follow next_offset()
+//!
+//! idx file (written + fsynced when its segment is sealed):
+//!     0    8 magic "ABIDX\0\0\x01"
+//!     8   88 u64 x 11: base_index, base_offset, segment_len, next_offset,
+//!                      last_base_offset, last_ts, last_term, last_leader,
+//!                      last_index, last_record_pos, n
+//!    96 n*32 entries: (index, offset, position, timestamp) u64 each,
+//!                      one per index_interval_bytes of records
+//!   end    4 crc32c of everything before
+//! ```
+//! New files are written as `*.tmp`, fsynced, renamed, and the directory is
+//! fsynced, so a file with a final name is always complete.
+//!
+//! # Durability and failure
+//! Records are written with positioned writes at a position the writer
+//! tracks. A write that fails with ENOSPC rolls the whole group back
+//! (`ftruncate` to the group start, delete segments the group created), fails
+//! every request queued behind it ([`LogError::DiskFull`]) and the log keeps
+//! serving; the next group overwrites from the same position.
+//!
+//! [`FsyncPolicy::Interval`] is weaker: tickets complete and readers see data
+//! after the write reaches the page cache; an fsync runs every interval. A
+//! machine crash loses up to one interval of acknowledged appends.
+#![allow(clippy::result_large_err)]
+
+mod disk;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arrowbus_wire::{BatchHeader, LogId, BATCH_HEADER_BYTES};
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use disk::{IndexEntry, SegMeta, SEG_HEADER_BYTES};
+pub use disk::MAX_ENTRY_BODY_BYTES;
+
+/// Smallest accepted `segment_max_bytes`: below one page a segment is all
+/// header and file overhead (tests use this to force many rolls).
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+/// Largest accepted `segment_max_bytes`: 64 GiB keeps retention granular.
+pub const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+/// Smallest `index_interval_bytes`: one index point per 128 bytes is 32 bytes
+/// of memory per 128 bytes of log — denser would be a per-batch index.
+pub const MIN_INDEX_INTERVAL_BYTES: u64 = 128;
+/// Smallest `max_group_bytes`.
+pub const MIN_GROUP_BYTES: u64 = 4096;
+/// Largest `max_group_bytes`: 1 GiB, the most a crash can tear off the tail.
+pub const MAX_GROUP_BYTES: u64 = 1024 * 1024 * 1024;
+/// Most append requests in one fsync group: bounds the ticket list a group
+/// holds and the latency the first request waits for the last.
+pub const MAX_GROUP_REQUESTS: usize = 4096;
+/// Most bytes enqueued but not yet written. Beyond it `append` says
+/// [`LogError::Busy`] instead of growing the queue: 256 MiB is four default
+/// groups, enough to keep the disk busy.
+pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
+/// Most entries enqueued but not yet durable: each costs ~48 bytes of
+/// bookkeeping (for `truncate_from` of an in-flight suffix); 256 Ki is 12 MiB.
+pub const MAX_QUEUED_ENTRIES: u64 = 256 * 1024;
+/// Longest accepted `FsyncPolicy::Interval`.
+pub const MAX_FSYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// When appended bytes are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Complete a ticket only after its group is written and `fdatasync`ed.
+    #[default]
+    Always,
+    /// Complete after the write; `fdatasync` every interval. Weaker: a machine
+    /// crash loses up to one interval of acknowledged appends.
+    Interval(Duration),
+}
+
+/// Configuration of one partition log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Roll to a new segment when the active one would exceed this many bytes.
+    /// Retention deletes whole segments, so this is also its granularity.
+    /// Default 128 MiB.
+    pub segment_max_bytes: u64,
+    /// One sparse index point per this many bytes of records: 32 bytes of
+    /// memory each, and a seek scans at most about this many bytes. Default 64 KiB.
+    pub index_interval_bytes: u64,
+    /// Default [`FsyncPolicy::Always`].
+    pub fsync: FsyncPolicy,
+    /// Most bytes written per fsync group, and so the most a crash can tear
+    /// from the tail. One `append` call may not exceed it. Default 64 MiB.
+    pub max_group_bytes: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_max_bytes: 128 * 1024 * 1024,
+            index_interval_bytes: 64 * 1024,
+            fsync: FsyncPolicy::Always,
+            max_group_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), LogError> {
+        let bad = |m: String| Err(LogError::InvalidConfig(m));
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_max_bytes) {
+            return bad(format!(
+                "segment_max_bytes = {} is outside {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}",
+                self.segment_max_bytes
+            ));
+        }
+        if !(MIN_INDEX_INTERVAL_BYTES..=self.segment_max_bytes).contains(&self.index_interval_bytes)
+        {
+            return bad(format!(
+                "index_interval_bytes = {} is outside {MIN_INDEX_INTERVAL_BYTES}..=segment_max_bytes ({})",
+                self.index_interval_bytes, self.segment_max_bytes
+            ));
+        }
+        if !(MIN_GROUP_BYTES..=MAX_GROUP_BYTES).contains(&self.max_group_bytes) {
+            return bad(format!(
+                "max_group_bytes = {} is outside {MIN_GROUP_BYTES}..={MAX_GROUP_BYTES}",
+                self.max_group_bytes
+            ));
+        }
+        if let FsyncPolicy::Interval(d) = self.fsync {
+            if d.is_zero() || d > MAX_FSYNC_INTERVAL {
+                return bad(format!(
+                    "fsync interval {d:?} is outside (0, {MAX_FSYNC_INTERVAL:?}]"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One entry to append. `header.base_offset` is assigned by the log; every
+/// other field (log id, timestamp, kind, producer fields, body CRC and length,
+/// rows, schema id) is the caller's.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub header: BatchHeader,
+    pub body: Bytes,
+}
+
+/// What the log assigned to one appended entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub log_id: LogId,
+    pub base_offset: u64,
+    pub row_count: u32,
+    pub timestamp_ms: i64,
+}
+
+/// A position in the log: its last entry and the offset after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    /// 0 = empty log; indexes start at 1.
+    pub last_index: u64,
+    pub last_log_id: Option<LogId>,
+    pub next_offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogStats {
+    pub start_offset: u64,
+    /// Flushed next offset.
+    pub next_offset: u64,
+    /// Bytes of all segment files (headers included).
+    pub bytes: u64,
+    /// Entries retained.
+    pub batches: u64,
+    pub segments: usize,
+    pub first_index: u64,
+    /// Flushed last index.
+    pub last_index: u64,
+}
+
+/// What [`PartitionLog::open`] found and repaired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub entries: u64,
+    /// Bytes of torn tail cut from the last segment.
+    pub truncated_bytes: u64,
+    /// Sealed segments whose `.idx` was missing or invalid and was rebuilt.
+    pub rebuilt_indexes: usize,
+}
+
+/// One stored entry, exactly as on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub header: BatchHeader,
+    /// Header + body bytes as stored: sent verbatim to subscribers.
+    pub record: Vec<u8>,
+}
+
+impl StoredBatch {
+    pub fn body(&self) -> &[u8] {
+        &self.record[BATCH_HEADER_BYTES..]
+    }
+}
+
+/// A read position. Cheap to clone; holds no file or lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    /// Base index of the segment the cursor is in.
+    seg: u64,
+    /// File position of the next record.
+    pos: u64,
+    next_index: u64,
+    next_offset: u64,
+}
+
+impl Cursor {
+    /// Base offset of the next entry this cursor reads (or the log's next
+    /// offset at the end).
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+    /// Log index of the next entry this cursor reads.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+}
+
+#[non_exhaustive]
+#[derive(thiserror::Error, Debug)]
+pub enum LogError {
+    #[error("entry index {got} does not continue the log: expected {expected}")]
+    NonContiguous { expected: u64, got: u64 },
+    #[error("offset {requested} is outside the log's retained range {start}..={end}")]
+    OffsetOutOfRange { requested: u64, start: u64, end: u64 },
+    #[error("log index {requested} is outside the retained range {first}..={last}")]
+    IndexOutOfRange { requested: u64, first: u64, last: u64 },
+    #[error("disk full writing {path}: nothing of the failed group was acknowledged; the log resumes once space is freed")]
+    DiskFull { path: PathBuf },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt partition log {path} at byte {position}: {reason}. This is not a torn tail, so it is not repaired automatically: restore the partition from a replica (remove the partition directory and let it re-replicate), or move the file aside to inspect it")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
+    #[error("an fsync of the partition log failed; the log refuses all writes. Restart the node so it recovers from what is on disk")]
+    Failed,
+    #[error("the partition log is closed")]
+    Closed,
+    #[error("invalid log config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid entry {index}: {reason}")]
+    InvalidEntry { index: u64, reason: String },
+    #[error("the partition log's write queue is full ({queued_bytes} bytes, {queued_entries} entries): retry after earlier appends complete")]
+    Busy { queued_bytes: u64, queued_entries: u64 },
+}
+
+impl LogError {
+    /// A copy for every request failed by the same cause (io::Error is not Clone).
+    fn duplicate(&self) -> LogError {
+        match self {
+            Self::NonContiguous { expected, got } => Self::NonContiguous {
+                expected: *expected,
+                got: *got,
+            },
+            Self::OffsetOutOfRange {
+                requested,
+                start,
+                end,
+            } => Self::OffsetOutOfRange {
+                requested: *requested,
+                start: *start,
+                end: *end,
+            },
+            Self::IndexOutOfRange {
+                requested,
+                first,
+                last,
+            } => Self::IndexOutOfRange {
+                requested: *requested,
+                first: *first,
+                last: *last,
+            },
+            Self::DiskFull { path } => Self::DiskFull { path: path.clone() },
+            Self::Io { op, path, source } => Self::Io {
+                op,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Self::Corrupt {
+                path,
+                position,
+                reason,
+            } => Self::Corrupt {
+                path: path.clone(),
+                position: *position,
+                reason: reason.clone(),
+            },
+            Self::Failed => Self::Failed,
+            Self::Closed => Self::Closed,
+            Self::InvalidConfig(s) => Self::InvalidConfig(s.clone()),
+            Self::InvalidEntry { index, reason } => Self::InvalidEntry {
+                index: *index,
+                reason: reason.clone(),
+            },
+            Self::Busy {
+                queued_bytes,
+                queued_entries,
+            } => Self::Busy {
+                queued_bytes: *queued_bytes,
+                queued_entries: *queued_entries,
+            },
+        }
+    }
+}
+
+/// Completes when the append's group is durable (see [`PartitionLog::append`]).
+pub struct AppendTicket {
+    inner: TicketInner,
+}
+
+enum TicketInner {
+    Ready(Option<Result<Vec<Appended>, LogError>>),
+    Waiting(oneshot::Receiver<Result<Vec<Appended>, LogError>>),
+}
+
+impl Future for AppendTicket {
+    type Output = Result<Vec<Appended>, LogError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.inner {
+            TicketInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(LogError::Closed))),
+            // The writer dropping the sender without answering means it stopped.
+            TicketInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(LogError::Closed))),
+        }
+    }
+}
+
+/// A published segment: what readers, purge and retention see.
+struct Segment {
+    meta: SegMeta,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Sparse index, ascending by position.
+    index: Vec<IndexEntry>,
+    /// All segments but the last are sealed.
+    sealed: bool,
+}
+
+struct Segs {
+    list: VecDeque<Segment>,
+    /// Bumped by every truncation so a reader that hit changed bytes can tell
+    /// a race with truncation from corruption.
+    truncations: u64,
+}
+
+impl Segs {
+    /// Position of the segment with this base index.
+    fn find_base(&self, base: u64) -> Option<usize> {
+        self.list
+            .binary_search_by_key(&base, |s| s.meta.base_index)
+            .ok()
+    }
+    /// Position of the segment that holds (or would hold) entry `index`.
+    fn find_index(&self, index: u64) -> Option<usize> {
+        let i = self.list.partition_point(|s| s.meta.base_index <= index);
+        i.checked_sub(1)
+    }
+    fn first(&self) -> Option<&Segment> {
+        self.list.front()
+    }
+    fn last(&self) -> Option<&Segment> {
+        self.list.back()
+    }
+    fn start_offset(&self) -> u64 {
+        self.first().map_or(0, |s| s.meta.base_offset)
+    }
+    fn next_offset(&self) -> u64 {
+        self.last().map_or(0, |s| s.meta.next_offset())
+    }
+    fn position(&self) -> LogPosition {
+        self.last().map_or_else(LogPosition::default, |s| LogPosition {
+            last_index: s.meta.last_index(),
+            last_log_id: s.meta.last_log_id(),
+            next_offset: s.meta.next_offset(),
+        })
+    }
+    fn out_of_range(&self, requested: u64) -> LogError {
+        LogError::OffsetOutOfRange {
+            requested,
+            start: self.start_offset(),
+            end: self.next_offset(),
+        }
+    }
+}
+
+/// An enqueued entry not yet durable: lets `truncate_from` of an in-flight
+/// suffix know the position it goes back to.
+#[derive(Clone, Copy)]
+struct Inflight {
+    seq: u64,
+    log_id: LogId,
+    next_offset: u64,
+}
+
+/// The enqueue side: what the next append must continue from.
+struct Enq {
+    pos: LogPosition,
+    /// Bumped when a failed group aborts everything queued behind it.
+    epoch: u64,
+    /// Request sequence number, to retire `inflight` entries once written.
+    seq: u64,
+    inflight: VecDeque<Inflight>,
+    /// Why requests of an old epoch fail.
+    abort_reason: Option<LogError>,
+    /// None once closed.
+    tx: Option<mpsc::Sender<writer::Request>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    cfg: LogConfig,
+    segs: RwLock<Segs>,
+    enq: Mutex<Enq>,
+    flushed_tx: watch::Sender<LogPosition>,
+    failed: AtomicBool,
+    fsyncs: AtomicU64,
+    queued_bytes: AtomicU64,
+    queued_entries: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug already reported by the panic;
+    // the protected state is plain data, still usable for shutting down.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn segs(&self) -> RwLockReadGuard<'_, Segs> {
+        self.segs.read().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn segs_mut(&self) -> std::sync::RwLockWriteGuard<'_, Segs> {
+        self.segs.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The partition log. `Send + Sync`; share it as `Arc<PartitionLog>`.
+pub struct PartitionLog {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl PartitionLog {
+    /// Blocking. Creates the directory if missing, recovers (module doc) and
+    /// starts the writer thread.
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(Arc<PartitionLog>, RecoveryReport), LogError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(dir).map_err(|e| disk::io_err("create directory", dir, e))?;
+        let (list, report) = recover(dir, &cfg)?;
+        let segs = Segs {
+            list,
+            truncations: 0,
+        };
+        let pos = segs.position();
+        let (flushed_tx, _) = watch::channel(pos);
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            dir: dir.to_owned(),
+            cfg,
+            segs: RwLock::new(segs),
+            enq: Mutex::new(Enq {
+                pos,
+                epoch: 0,
+                seq: 0,
+                inflight: VecDeque::new(),
+                abort_reason: None,
+                tx: Some(tx),
+            }),
+            flushed_tx,
+            failed: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            queued_entries: AtomicU64::new(0),
+        });
+        let handle = writer::spawn(inner.clone(), rx)?;
+        tracing::info!(dir = %dir.display(), segments = report.segments, entries = report.entries,
+            truncated_bytes = report.truncated_bytes, rebuilt_indexes = report.rebuilt_indexes,
+            "partition log opened");
+        Ok((
+            Arc::new(PartitionLog {
+                inner,
+                writer: Mutex::new(Some(handle)),
+            }),
+            report,
+        ))
+    }
+
+    /// Checks and enqueues `entries` (in call order). Their indexes must
+    /// continue the enqueued log contiguously. Assigns base offsets. The
+    /// ticket completes once the group holding them is written and fsynced.
+    /// The body CRC is verified here: a bad one would read back as a torn
+    /// tail after a crash.
+    pub fn append(&self, mut entries: Vec<Entry>) -> Result<AppendTicket, LogError> {
+        if entries.is_empty() {
+            return Ok(AppendTicket {
+                inner: TicketInner::Ready(Some(Ok(Vec::new()))),
+            });
+        }
+        let mut bytes = 0u64;
+        for e in &entries {
+            let h = &e.header;
+            let index = h.log_id.index;
+            let invalid = |reason: String| Err(LogError::InvalidEntry { index, reason });
+            if h.body_len > MAX_ENTRY_BODY_BYTES {
+                return invalid(format!("body of {} bytes exceeds {MAX_ENTRY_BODY_BYTES}", h.body_len));
+            }
+            if let Err(err) = h.verify_body(&e.body) {
+                return invalid(err.to_string());
+            }
+            bytes += h.record_len();
+        }
+        if bytes > self.inner.cfg.max_group_bytes {
+            return Err(LogError::InvalidEntry {
+                index: entries[0].header.log_id.index,
+                reason: format!(
+                    "one append of {bytes} bytes exceeds max_group_bytes ({})",
+                    self.inner.cfg.max_group_bytes
+                ),
+            });
+        }
+        let mut enq = lock(&self.inner.enq);
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(LogError::Failed);
+        }
+        if enq.tx.is_none() {
+            return Err(LogError::Closed);
+        }
+        let n = entries.len() as u64;
+        let (qb, qe) = (
+            self.inner.queued_bytes.load(Ordering::Acquire),
+            self.inner.queued_entries.load(Ordering::Acquire),
+        );
+        if qb + bytes > MAX_QUEUED_BYTES || qe + n > MAX_QUEUED_ENTRIES {
+            return Err(LogError::Busy {
+                queued_bytes: qb,
+                queued_entries: qe,
+            });
+        }
+        let mut expected = enq.pos.last_index + 1;
+        for e in &entries {
+            if e.header.log_id.index != expected {
+                return Err(LogError::NonContiguous {
+                    expected,
+                    got: e.header.log_id.index,
+                });
+            }
+            expected += 1;
+        }
+        enq.seq += 1;
+        let seq = enq.seq;
+        let mut next_offset = enq.pos.next_offset;
+        let mut records = Vec::with_capacity(entries.len());
+        for e in entries.iter_mut() {
+            e.header.base_offset = next_offset;
+            next_offset = e.header.next_offset();
+            enq.inflight.push_back(Inflight {
+                seq,
+                log_id: e.header.log_id,
+                next_offset,
+            });
+            records.push(writer::Record {
+                header: e.header,
+                encoded: e.header.encode(),
+                body: std::mem::take(&mut e.body),
+            });
+        }
+        let last_log_id = entries.last().map(|e| e.header.log_id);
+        enq.pos = LogPosition {
+            last_index: expected - 1,
+            last_log_id,
+            next_offset,
+        };
+        let (tx, rx) = oneshot::channel();
+        let req = writer::Request::Append(writer::AppendReq {
+            epoch: enq.epoch,
+            seq,
+            bytes,
+            records,
+            tx,
+        });
+        self.inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.inner.queued_entries.fetch_add(n, Ordering::AcqRel);
+        // Sent under the enqueue lock: channel order is index order.
+        let sent = enq.tx.as_ref().map(|t| t.send(req));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(LogError::Closed);
+        }
+        Ok(AppendTicket {
+            inner: TicketInner::Waiting(rx),
+        })
+    }
+
+    /// What the next append must continue from.
+    pub fn last_enqueued(&self) -> LogPosition {
+        lock(&self.inner.enq).pos
+    }
+
+    /// The durable position: advanced after each durable group, moved back
+    /// by truncation.
+    pub fn flushed(&self) -> watch::Receiver<LogPosition> {
+        self.inner.flushed_tx.subscribe()
+    }
+
+    /// Index of the first retained entry (the first segment's base index).
+    pub fn first_index(&self) -> u64 {
+        self.inner.segs().first().map_or(1, |s| s.meta.base_index)
+    }
+
+    /// Offset of the first retained entry.
+    pub fn start_offset(&self) -> u64 {
+        self.inner.segs().start_offset()
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let s = self.inner.segs();
+        let pos = s.position();
+        LogStats {
+            start_offset: s.start_offset(),
+            next_offset: pos.next_offset,
+            bytes: s.list.iter().map(|g| g.meta.len).sum(),
+            batches: s.list.iter().map(|g| g.meta.entries()).sum(),
+            segments: s.list.len(),
+            first_index: s.first().map_or(1, |g| g.meta.base_index),
+            last_index: pos.last_index,
+        }
+    }
+
+    /// fdatasync calls made by this log since open (for tests and metrics).
+    pub fn fsyncs(&self) -> u64 {
+        self.inner.fsyncs.load(Ordering::Acquire)
+    }
+
+    /// Removes entries with index >= `index` (Raft conflict truncation).
+    /// Serialized with appends through the writer; durable before it completes.
+    /// Truncating below the first retained index is refused (`IndexOutOfRange`).
+    pub fn truncate_from(&self, index: u64) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
+        let index = index.max(1);
+        let res = self.enqueue_truncate(index);
+        async move {
+            match res {
+                Ok(Some(rx)) => rx.await.unwrap_or(Err(LogError::Closed)),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    fn enqueue_truncate(&self, index: u64) -> Result<Option<oneshot::Receiver<Result<(), LogError>>>, LogError> {
+        let mut enq = lock(&self.inner.enq);
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(LogError::Failed);
+        }
+        if enq.tx.is_none() {
+            return Err(LogError::Closed);
+        }
+        if index > enq.pos.last_index {
+            return Ok(None);
+        }
+        // The position entry `index - 1` leaves: in flight, or on disk.
+        let new_pos = if let Some(f) = enq.inflight.iter().rev().find(|f| f.log_id.index == index - 1) {
+            LogPosition {
+                last_index: index - 1,
+                last_log_id: Some(f.log_id),
+                next_offset: f.next_offset,
+            }
+        } else {
+            self.durable_position_before(index)?
+        };
+        enq.inflight.retain(|f| f.log_id.index < index);
+        enq.pos = new_pos;
+        enq.seq += 1;
+        let (tx, rx) = oneshot::channel();
+        let req = writer::Request::Truncate(writer::TruncateReq {
+            epoch: enq.epoch,
+            seq: enq.seq,
+            index,
+            new_pos,
+            tx,
+        });
+        match enq.tx.as_ref().map(|t| t.send(req)) {
+            Some(Ok(())) => Ok(Some(rx)),
+            _ => Err(LogError::Closed),
+        }
+    }
+
+    /// The position after entry `index - 1`, read from the published log.
+    fn durable_position_before(&self, index: u64) -> Result<LogPosition, LogError> {
+        let (first, last, first_meta) = {
+            let s = self.inner.segs();
+            let f = s.first().map(|g| g.meta);
+            (f.map_or(1, |m| m.base_index), s.position().last_index, f)
+        };
+        if index < first {
+            return Err(LogError::IndexOutOfRange {
+                requested: index,
+                first,
+                last,
+            });
+        }
+        if index == first {
+            let m = first_meta.unwrap_or(SegMeta::empty(1, 0, None));
+            return Ok(LogPosition {
+                last_index: index - 1,
+                last_log_id: m.prev,
+                next_offset: m.base_offset,
+            });
+        }
+        match self.entry_header(index - 1)? {
+            Some(h) => Ok(LogPosition {
+                last_index: index - 1,
+                last_log_id: Some(h.log_id),
+                next_offset: h.next_offset(),
+            }),
+            None => Err(LogError::IndexOutOfRange {
+                requested: index,
+                first,
+                last,
+            }),
+        }
+    }
+
+    /// Deletes whole sealed segments whose entries all have index <= `index`.
+    pub fn purge_to(&self, index: u64) -> Result<u64, LogError> {
+        self.delete_oldest(|seg, _| seg.meta.last_index() <= index)
+    }
+
+    /// Deletes the oldest sealed segments while the log holds more than
+    /// `retention_bytes`, or while a segment's newest timestamp is older than
+    /// `now_ms - retention_ms`. Never the active segment.
+    pub fn enforce_retention(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<u64, LogError> {
+        let horizon = retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+        self.delete_oldest(|seg, total| {
+            retention_bytes.is_some_and(|b| total > b) || horizon.is_some_and(|h| seg.meta.last_ts() < h)
+        })
+    }
+
+    fn delete_oldest(&self, mut pred: impl FnMut(&Segment, u64) -> bool) -> Result<u64, LogError> {
+        let removed: Vec<Segment> = {
+            let mut s = self.inner.segs_mut();
+            let mut total: u64 = s.list.iter().map(|g| g.meta.len).sum();
+            let mut out = Vec::new();
+            // Bounded by the segment count; the last (active) one always stays.
+            while s.list.len() > 1 {
+                let go = s.list.front().is_some_and(|f| f.sealed && pred(f, total));
+                if !go {
+                    break;
+                }
+                if let Some(seg) = s.list.pop_front() {
+                    total -= seg.meta.len;
+                    out.push(seg);
+                }
+            }
+            out
+        };
+        // Oldest first, so a crash part-way leaves a contiguous suffix.
+        // Readers holding the file keep reading the unlinked inode.
+        for seg in &removed {
+            disk::remove_if_exists(&seg.path)?;
+            disk::remove_if_exists(&disk::idx_path(&self.inner.dir, seg.meta.base_index))?;
+        }
+        if !removed.is_empty() {
+            disk::fsync_dir(&self.inner.dir)?;
+            tracing::debug!(dir = %self.inner.dir.display(), segments = removed.len(), "deleted old segments");
+        }
+        Ok(removed.len() as u64)
+    }
+
+    /// Cursor at the first entry whose offsets contain `offset`, or the first
+    /// entry with `base_offset >= offset`; at the end when `offset` is the
+    /// flushed next offset.
+    pub fn seek_offset(&self, offset: u64) -> Result<Cursor, LogError> {
+        let s = self.inner.segs();
+        if offset < s.start_offset() || offset > s.next_offset() {
+            return Err(s.out_of_range(offset));
+        }
+        // The predicate is monotone over entries (offsets never decrease).
+        let hit = |base: u64, next: u64| next > offset || base >= offset;
+        let i = s.list.partition_point(|g| {
+            g.meta.last.is_none() || !hit(g.meta.last_base_offset(), g.meta.next_offset())
+        });
+        let Some(seg) = s.list.get(i) else {
+            return Ok(end_cursor(&s));
+        };
+        let k = seg.index.partition_point(|e| e.offset < offset);
+        let from = k.checked_sub(1).map(|k| seg.index[k]);
+        let (file, path, meta) = (seg.file.clone(), seg.path.clone(), seg.meta);
+        drop(s);
+        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| (e.pos, e.index, e.offset));
+        let end = disk::scan_headers(&file, &path, start.0, meta.len, |h| hit(h.base_offset, h.next_offset()))?;
+        Ok(cursor_at(&meta, start, &end))
+    }
+
+    /// Cursor at the first entry with `timestamp_ms >= ts_ms` (end cursor if none).
+    pub fn seek_timestamp(&self, ts_ms: i64) -> Result<Cursor, LogError> {
+        let s = self.inner.segs();
+        let i = s.list.partition_point(|g| g.meta.last.is_none() || g.meta.last_ts() < ts_ms);
+        let Some(seg) = s.list.get(i) else {
+            return Ok(end_cursor(&s));
+        };
+        let k = seg.index.partition_point(|e| e.ts < ts_ms);
+        let from = k.checked_sub(1).map(|k| seg.index[k]);
+        let (file, path, meta) = (seg.file.clone(), seg.path.clone(), seg.meta);
+        drop(s);
+        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| (e.pos, e.index, e.offset));
+        let end = disk::scan_headers(&file, &path, start.0, meta.len, |h| h.timestamp_ms >= ts_ms)?;
+        Ok(cursor_at(&meta, start, &end))
+    }
+
+    /// Reads the entry at the cursor if its log index is <= `max_index`, and
+    /// advances. `Ok(None)`: nothing visible at the cursor yet.
+    pub fn read(&self, cursor: &mut Cursor, max_index: u64) -> Result<Option<StoredBatch>, LogError> {
+        // Each round either returns or moves the cursor to the next segment
+        // or re-locates it once after a truncation.
+        let mut relocated = false;
+        loop {
+            if cursor.next_index > max_index {
+                return Ok(None);
+            }
+            let (file, path, len, truncations) = {
+                let s = self.inner.segs();
+                let Some(i) = s.find_base(cursor.seg) else {
+                    let first = s.first().map_or(1, |g| g.meta.base_index);
+                    if cursor.seg < first || relocated {
+                        return Err(s.out_of_range(cursor.next_offset));
+                    }
+                    drop(s);
+                    // Its segment was removed by a truncation: find the index again.
+                    *cursor = self.locate_index(cursor.next_index, cursor.next_offset)?;
+                    relocated = true;
+                    continue;
+                };
+                let seg = &s.list[i];
+                if cursor.pos >= seg.meta.len {
+                    match s.list.get(i + 1) {
+                        Some(next) if seg.sealed && cursor.pos == seg.meta.len => {
+                            *cursor = Cursor {
+                                seg: next.meta.base_index,
+                                pos: SEG_HEADER_BYTES,
+                                next_index: next.meta.base_index,
+                                next_offset: next.meta.base_offset,
+                            };
+                            continue;
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+                (seg.file.clone(), seg.path.clone(), seg.meta.len, s.truncations)
+            };
+            match read_record(&file, &path, cursor.pos, len, Some(cursor.next_index)) {
+                Ok(b) => {
+                    cursor.pos += b.record.len() as u64;
+                    cursor.next_index += 1;
+                    cursor.next_offset = b.header.next_offset();
+                    return Ok(Some(b));
+                }
+                Err(e) => {
+                    // Changed bytes after a concurrent truncation are a race, not corruption.
+                    if relocated || self.inner.segs().truncations == truncations {
+                        return Err(e);
+                    }
+                    *cursor = self.locate_index(cursor.next_index, cursor.next_offset)?;
+                    relocated = true;
+                }
+            }
+        }
+    }
+
+    /// Reads one entry by log index (None if not retained or not yet flushed).
+    pub fn entry(&self, index: u64) -> Result<Option<StoredBatch>, LogError> {
+        let Some((file, path, pos, len)) = self.find_entry(index)? else {
+            return Ok(None);
+        };
+        read_record(&file, &path, pos, len, Some(index)).map(Some)
+    }
+
+    fn entry_header(&self, index: u64) -> Result<Option<BatchHeader>, LogError> {
+        Ok(self.entry(index)?.map(|b| b.header))
+    }
+
+    /// File, path, position and readable length of entry `index`.
+    fn find_entry(&self, index: u64) -> Result<Option<(Arc<File>, PathBuf, u64, u64)>, LogError> {
+        let s = self.inner.segs();
+        let Some(seg) = s.find_index(index).map(|i| &s.list[i]) else {
+            return Ok(None);
+        };
+        if index > seg.meta.last_index() {
+            return Ok(None);
+        }
+        let k = seg.index.partition_point(|e| e.index <= index);
+        let from = k.checked_sub(1).map_or(SEG_HEADER_BYTES, |k| seg.index[k].pos);
+        let (file, path, len) = (seg.file.clone(), seg.path.clone(), seg.meta.len);
+        drop(s);
+        let end = disk::scan_headers(&file, &path, from, len, |h| h.log_id.index >= index)?;
+        match end.found {
+            Some(h) if h.log_id.index == index => Ok(Some((file, path, end.pos, len))),
+            _ => Err(LogError::Corrupt {
+                path,
+                position: end.pos,
+                reason: format!("entry {index} is not where the segment's index says"),
+            }),
+        }
+    }
+
+    /// Cursor at entry `index` (or the end); OffsetOutOfRange when it is not retained.
+    fn locate_index(&self, index: u64, offset_hint: u64) -> Result<Cursor, LogError> {
+        let s = self.inner.segs();
+        let pos = s.position();
+        let first = s.first().map_or(1, |g| g.meta.base_index);
+        if index < first || index > pos.last_index + 1 {
+            return Err(s.out_of_range(offset_hint));
+        }
+        if index == pos.last_index + 1 {
+            return Ok(end_cursor(&s));
+        }
+        drop(s);
+        match self.find_entry(index)? {
+            Some((file, path, p, len)) => {
+                let b = read_record(&file, &path, p, len, Some(index))?;
+                let s = self.inner.segs();
+                let seg = s.find_index(index).map_or(first, |i| s.list[i].meta.base_index);
+                Ok(Cursor {
+                    seg,
+                    pos: p,
+                    next_index: index,
+                    next_offset: b.header.base_offset,
+                })
+            }
+            None => Err(self.inner.segs().out_of_range(offset_hint)),
+        }
+    }
+
+    /// Stops the writer after it drained queued requests. Idempotent; blocks.
+    pub fn close(&self) {
+        // Dropping the sender ends the writer's loop once the queue is empty.
+        lock(&self.inner.enq).tx = None;
+        let handle = lock(&self.writer).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!(dir = %self.inner.dir.display(), "partition log writer panicked");
+            }
+        }
+    }
+}
+
+fn end_cursor(s: &Segs) -> Cursor {
+    s.last().map_or(
+        Cursor {
+            seg: 1,
+            pos: SEG_HEADER_BYTES,
+            next_index: 1,
+            next_offset: 0,
+        },
+        |g| Cursor {
+            seg: g.meta.base_index,
+            pos: g.meta.len,
+            next_index: g.meta.last_index() + 1,
+            next_offset: g.meta.next_offset(),
+        },
+    )
+}
+
+/// The cursor a header scan ended at (start = where the scan began).
+fn cursor_at(meta: &SegMeta, start: (u64, u64, u64), end: &disk::ScanEnd) -> Cursor {
+    let (next_index, next_offset) = match (end.found, end.prev) {
+        (Some(h), _) => (h.log_id.index, h.base_offset),
+        (None, Some((p, _))) => (p.log_id.index + 1, p.next_offset()),
+        (None, None) => (start.1, start.2),
+    };
+    Cursor {
+        seg: meta.base_index,
+        pos: end.pos,
+        next_index,
+        next_offset,
+    }
+}
+
+/// Reads and verifies one whole record at `pos` (within the readable `len`).
+fn read_record(
+    file: &File,
+    path: &Path,
+    pos: u64,
+    len: u64,
+    want_index: Option<u64>,
+) -> Result<StoredBatch, LogError> {
+    let corrupt = |reason: String| LogError::Corrupt {
+        path: path.to_owned(),
+        position: pos,
+        reason,
+    };
+    let hb = BATCH_HEADER_BYTES as u64;
+    if pos + hb > len {
+        return Err(corrupt("record header past the flushed end".into()));
+    }
+    let mut head = [0u8; BATCH_HEADER_BYTES];
+    file.read_exact_at(&mut head, pos).map_err(|e| disk::io_err("read", path, e))?;
+    let h = BatchHeader::decode(&head).map_err(|e| corrupt(e.to_string()))?;
+    if let Some(want) = want_index {
+        if h.log_id.index != want {
+            return Err(corrupt(format!("entry {} where {want} was expected", h.log_id.index)));
+        }
+    }
+    if h.body_len > MAX_ENTRY_BODY_BYTES || pos + h.record_len() > len {
+        return Err(corrupt(format!("body length {} runs past the flushed end", h.body_len)));
+    }
+    let mut record = vec![0u8; h.record_len() as usize];
+    record[..BATCH_HEADER_BYTES].copy_from_slice(&head);
+    file.read_exact_at(&mut record[BATCH_HEADER_BYTES..], pos + hb)
+        .map_err(|e| disk::io_err("read", path, e))?;
+    h.verify_body(&record[BATCH_HEADER_BYTES..]).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredBatch { header: h, record })
+}
+
+fn open_rw(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| disk::io_err("open", path, e))
+}
+
+/// Writes a new, empty segment durably: tmp file, fsync, rename, dir fsync.
+fn create_segment(dir: &Path, meta: &SegMeta) -> Result<(PathBuf, File), LogError> {
+    let path = disk::seg_path(dir, meta.base_index);
+    let tmp = disk::tmp_path(&path);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| disk::write_err("create", &tmp, e))?;
+    let res = f
+        .write_all_at(&disk::encode_seg_header(meta), 0)
+        .map_err(|e| disk::write_err("write", &tmp, e))
+        .and_then(|()| f.sync_all().map_err(|e| disk::io_err("fsync", &tmp, e)))
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| disk::write_err("rename", &tmp, e)))
+        .and_then(|()| disk::fsync_dir(dir));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok((path, f))
+}
+
+/// Writes a sealed segment's `.idx` durably (tmp, fsync, rename; the caller
+/// fsyncs the directory).
+fn write_idx(dir: &Path, meta: &SegMeta, index: &[IndexEntry]) -> Result<(), LogError> {
+    let path = disk::idx_path(dir, meta.base_index);
+    let tmp = disk::tmp_path(&path);
+    let bytes = disk::encode_idx(meta, index);
+    let res = std::fs::write(&tmp, &bytes)
+        .map_err(|e| disk::write_err("write", &tmp, e))
+        .and_then(|()| {
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| disk::io_err("fsync", &tmp, e))
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| disk::write_err("rename", &tmp, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Recovery (module doc): verify and load every segment, cut a torn tail.
+fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryReport), LogError> {
+    let mut report = RecoveryReport::default();
+    let mut bases = Vec::new();
+    let mut idxs = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| disk::io_err("list", dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| disk::io_err("list", dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") {
+            disk::remove_if_exists(&ent.path())?;
+        } else if let Some(b) = parse_name(name, ".seg") {
+            bases.push(b);
+        } else if let Some(b) = parse_name(name, ".idx") {
+            idxs.push(b);
+        }
+    }
+    bases.sort_unstable();
+    // An index without its segment is left over from a deletion.
+    for b in idxs.iter().filter(|b| bases.binary_search(b).is_err()) {
+        disk::remove_if_exists(&disk::idx_path(dir, *b))?;
+    }
+    if bases.is_empty() {
+        let meta = SegMeta::empty(1, 0, None);
+        let (path, f) = create_segment(dir, &meta)?;
+        let mut list = VecDeque::new();
+        list.push_back(Segment {
+            meta,
+            path,
+            file: Arc::new(f),
+            index: Vec::new(),
+            sealed: false,
+        });
+        report.segments = 1;
+        return Ok((list, report));
+    }
+    let mut list: VecDeque<Segment> = VecDeque::with_capacity(bases.len());
+    let n = bases.len();
+    for (i, &base) in bases.iter().enumerate() {
+        let path = disk::seg_path(dir, base);
+        let file = open_rw(&path)?;
+        let file_len = file.metadata().map_err(|e| disk::io_err("stat", &path, e))?.len();
+        let corrupt = |position: u64, reason: String| LogError::Corrupt {
+            path: path.clone(),
+            position,
+            reason,
+        };
+        let mut hb = [0u8; SEG_HEADER_BYTES as usize];
+        if file_len < SEG_HEADER_BYTES {
+            return Err(corrupt(0, format!("segment file is {file_len} bytes, shorter than its header")));
+        }
+        file.read_exact_at(&mut hb, 0).map_err(|e| disk::io_err("read", &path, e))?;
+        let header = disk::decode_seg_header(&hb).map_err(|r| corrupt(0, r))?;
+        if header.base_index != base {
+            return Err(corrupt(0, format!("header says base index {}, file name {base}", header.base_index)));
+        }
+        if let Some(prev) = list.back() {
+            let p = prev.meta;
+            if header.base_index != p.last_index() + 1
+                || header.base_offset != p.next_offset()
+                || header.prev != p.last_log_id()
+            {
+                return Err(corrupt(
+                    0,
+                    format!(
+                        "segment starts at index {} offset {} but the previous one ends at index {} offset {}",
+                        header.base_index,
+                        header.base_offset,
+                        p.last_index(),
+                        p.next_offset()
+                    ),
+                ));
+            }
+        }
+        let idx_path = disk::idx_path(dir, base);
+        let last = i + 1 == n;
+        let (meta, index) = if !last {
+            match disk::load_idx(&idx_path, &header, &file, file_len) {
+                Some(loaded) => loaded,
+                None => {
+                    let w = disk::walk_segment(&file, &path, header, file_len, cfg.index_interval_bytes)?;
+                    if let Some(stop) = w.stop {
+                        return Err(corrupt(stop.pos, stop.reason));
+                    }
+                    write_idx(dir, &w.meta, &w.index)?;
+                    report.rebuilt_indexes += 1;
+                    tracing::warn!(segment = %path.display(), "rebuilt missing or invalid sparse index");
+                    (w.meta, w.index)
+                }
+            }
+        } else {
+            // The active segment's index lives in memory; a stale file from
+            // an interrupted truncation or roll must not be trusted later.
+            disk::remove_if_exists(&idx_path)?;
+            let w = disk::walk_segment(&file, &path, header, file_len, cfg.index_interval_bytes)?;
+            if let Some(stop) = w.stop {
+                let tail = file_len - stop.pos;
+                // A torn write only affects the last, unsynced group, which is at
+                // most max_group_bytes. A longer tail with a valid record after
+                // the bad one means acknowledged data is damaged.
+                let window = match cfg.fsync {
+                    FsyncPolicy::Always => cfg.max_group_bytes,
+                    FsyncPolicy::Interval(_) => u64::MAX,
+                };
+                if tail > window {
+                    let want = w.meta.last_index() + 1;
+                    if let Some(at) = disk::later_record_exists(&file, &path, stop.pos + 1, file_len, want)? {
+                        return Err(corrupt(
+                            stop.pos,
+                            format!("{} (a valid later record at byte {at} shows this is not a torn tail)", stop.reason),
+                        ));
+                    }
+                }
+                tracing::warn!(segment = %path.display(), position = stop.pos, bytes = tail,
+                    reason = %stop.reason, "cutting torn tail");
+                file.set_len(stop.pos).map_err(|e| disk::io_err("truncate", &path, e))?;
+                file.sync_all().map_err(|e| disk::io_err("fsync", &path, e))?;
+                report.truncated_bytes = tail;
+            }
+            (w.meta, w.index)
+        };
+        report.entries += meta.entries();
+        list.push_back(Segment {
+            meta,
+            path,
+            file: Arc::new(file),
+            index,
+            sealed: !last,
+        });
+    }
+    report.segments = list.len();
+    Ok((list, report))
+}
+
+fn parse_name(name: &str, ext: &str) -> Option<u64> {
+    let stem = name.strip_suffix(ext)?;
+    (stem.len() == 20 && stem.bytes().all(|c| c.is_ascii_digit()))
+        .then(|| stem.parse().ok())
+        .flatten()
+}
