@@ -2,7 +2,9 @@
 //! `FrameHeader::decode` before any buffer is sized from them.
 
 use arrowbus_wire::codec::Message;
-use arrowbus_wire::{decode_control, encode_frame, Frame, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use arrowbus_wire::{
+    decode_control, encode_frame, Frame, FrameError, FrameHeader, FRAME_HEADER_BYTES,
+};
 use bytes::Bytes;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,7 +17,9 @@ pub enum ReadError {
 
 /// Read one frame; `Ok(None)` when the peer finished the stream cleanly
 /// between frames.
-pub async fn read_frame<M: Message>(recv: &mut quinn::RecvStream) -> Result<Option<Frame<M>>, ReadError> {
+pub async fn read_frame<M: Message>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Frame<M>>, ReadError> {
     let mut head = [0u8; FRAME_HEADER_BYTES];
     match recv.read_exact(&mut head).await {
         Ok(()) => {}
@@ -57,7 +61,11 @@ pub enum WriteError {
 }
 
 /// Write one frame; the body is sent from the caller's buffer, uncopied.
-pub async fn write_frame<M: Message>(send: &mut quinn::SendStream, msg: &M, body: Bytes) -> Result<(), WriteError> {
+pub async fn write_frame<M: Message>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+    body: Bytes,
+) -> Result<(), WriteError> {
     let head = Bytes::from(encode_frame(msg, body.len())?);
     let mut chunks = [head, body];
     send.write_all_chunks(&mut chunks).await?;

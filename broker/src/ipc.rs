@@ -59,8 +59,11 @@ pub struct TopicSchema {
 pub fn encode_schema(schema: &Schema) -> Result<Vec<u8>, IpcError> {
     let opts = IpcWriteOptions::default();
     let mut tracker = DictionaryTracker::new(false);
-    let encoded =
-        IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(schema, &mut tracker, &opts);
+    let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+        schema,
+        &mut tracker,
+        &opts,
+    );
     let mut out = Vec::new();
     arrow_ipc::writer::write_message(&mut out, encoded, &opts)
         .map_err(|e| IpcError::from_arrow("encoding schema", e))?;
@@ -98,9 +101,9 @@ pub fn canonical_schema(id: u32, bytes: &[u8]) -> Result<TopicSchema, IpcError> 
             .decode(&mut Buffer::from(vec![0xFFu8; 4]))
             .map_err(|e| IpcError::from_arrow("decoding schema", e))?;
     }
-    let schema = decoder
-        .schema()
-        .ok_or_else(|| IpcError::Invalid("no complete schema message in the schema bytes".into()))?;
+    let schema = decoder.schema().ok_or_else(|| {
+        IpcError::Invalid("no complete schema message in the schema bytes".into())
+    })?;
     let ipc = encode_schema(&schema)?;
     Ok(TopicSchema {
         id,
@@ -129,7 +132,8 @@ pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, Ipc
             Some(b) if batch.is_none() => batch = Some(b),
             Some(_) => {
                 return Err(IpcError::Invalid(
-                    "batch body holds more than one record batch; send one batch per publish".into(),
+                    "batch body holds more than one record batch; send one batch per publish"
+                        .into(),
                 ))
             }
             None => {}
@@ -147,7 +151,9 @@ pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, Ipc
     if batch.schema().fields() != schema.schema.fields() {
         // Cannot happen with a body decoded against `schema`; kept as a guard
         // because a mismatch here would store a batch subscribers misread.
-        return Err(IpcError::Invalid("decoded batch schema differs from the topic schema".into()));
+        return Err(IpcError::Invalid(
+            "decoded batch schema differs from the topic schema".into(),
+        ));
     }
     Ok(batch)
 }

@@ -22,11 +22,18 @@ pub fn config_dir() -> PathBuf {
 }
 
 pub fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Write the profile atomically (a client never reads half a file).
-pub fn write_profile(path: &Path, brokers: &[String], ca: &Path, server_name: &str) -> std::io::Result<()> {
+pub fn write_profile(
+    path: &Path,
+    brokers: &[String],
+    ca: &Path,
+    server_name: &str,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use arrowbus_raft::log::{AppendTicket, Cursor, LogPosition, StoredBatch};
 use arrowbus_wire::limits::{
-    MAX_BATCH_BYTES, MAX_CONNECTIONS, MAX_CREDIT_BATCHES_PER_SUBSCRIPTION, MAX_CREDIT_BYTES_PER_SUBSCRIPTION,
-    MAX_INFLIGHT_BATCHES_PER_PRODUCER, MAX_SUBSCRIPTIONS_PER_CONNECTION,
+    MAX_BATCH_BYTES, MAX_CONNECTIONS, MAX_CREDIT_BATCHES_PER_SUBSCRIPTION,
+    MAX_CREDIT_BYTES_PER_SUBSCRIPTION, MAX_INFLIGHT_BATCHES_PER_PRODUCER,
+    MAX_SUBSCRIPTIONS_PER_CONNECTION,
 };
 use arrowbus_wire::{
-    Ack, BatchDelivery, BatchHeader, BatchKind, ClientMessage, ClusterMetadata, CreateTopic, Credit, ErrorCode,
-    ErrorReply, Frame, NodeInfo, Publish, ServerMessage, StartAt, Subscribe, Subscribed, BATCH_HEADER_BYTES,
+    Ack, BatchDelivery, BatchHeader, BatchKind, ClientMessage, ClusterMetadata, CreateTopic,
+    Credit, ErrorCode, ErrorReply, Frame, NodeInfo, Publish, ServerMessage, StartAt, Subscribe,
+    Subscribed, BATCH_HEADER_BYTES,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -64,7 +66,11 @@ impl Broker {
     }
 
     /// Accept connections until `shutdown` fires, then drain and close.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut conns = JoinSet::new();
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
         loop {
@@ -87,7 +93,9 @@ impl Broker {
         self.shutting_down.store(true, Ordering::SeqCst);
         endpoint.set_server_config(None);
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_MAX;
-        while self.inflight_publishes.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while self.inflight_publishes.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         endpoint.close(CLOSE_SHUTDOWN.into(), b"broker shutting down");
@@ -168,12 +176,23 @@ impl Broker {
         .await;
     }
 
-    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, subs: Arc<AtomicUsize>) {
+    async fn stream(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        subs: Arc<AtomicUsize>,
+    ) {
         let first = match read_frame::<ClientMessage>(&mut recv).await {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
-                reject_stream(&mut send, &mut recv, ErrorCode::for_read_error(&e), e.to_string()).await;
+                reject_stream(
+                    &mut send,
+                    &mut recv,
+                    ErrorCode::for_read_error(&e),
+                    e.to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -194,7 +213,13 @@ impl Broker {
             }
             ClientMessage::Credit(_) => {
                 let msg = "Credit is only valid on a subscription stream, after Subscribe";
-                reject_stream(&mut send, &mut recv, ErrorCode::UnexpectedMessage, msg.into()).await;
+                reject_stream(
+                    &mut send,
+                    &mut recv,
+                    ErrorCode::UnexpectedMessage,
+                    msg.into(),
+                )
+                .await;
             }
             other => {
                 let reply = match self.unary(other).await {
@@ -251,7 +276,9 @@ impl Broker {
             ClientMessage::ListTopics => Ok(ServerMessage::Topics(
                 self.topics.list().iter().map(|t| t.info()).collect(),
             )),
-            ClientMessage::DescribeTopic { topic } => Ok(ServerMessage::Topic(self.topics.get(&topic)?.info())),
+            ClientMessage::DescribeTopic { topic } => {
+                Ok(ServerMessage::Topic(self.topics.get(&topic)?.info()))
+            }
             ClientMessage::Metadata => Ok(ServerMessage::Metadata(ClusterMetadata {
                 nodes: vec![NodeInfo {
                     id: self.config.node_id,
@@ -266,9 +293,12 @@ impl Broker {
                     schema_ipc: s.ipc.to_vec(),
                 })
             }
-            ClientMessage::Publish(_) | ClientMessage::Subscribe(_) | ClientMessage::Credit(_) => Err(
-                BrokerError::new(ErrorCode::UnexpectedMessage, "streaming message in a unary request"),
-            ),
+            ClientMessage::Publish(_) | ClientMessage::Subscribe(_) | ClientMessage::Credit(_) => {
+                Err(BrokerError::new(
+                    ErrorCode::UnexpectedMessage,
+                    "streaming message in a unary request",
+                ))
+            }
         }
     }
 
@@ -277,8 +307,16 @@ impl Broker {
     /// second one. The channel between them holds at most the in-flight
     /// window, so a producer that sends faster than the log syncs is slowed by
     /// QUIC flow control, not buffered.
-    async fn publish_pipeline(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, first: Publish, first_body: Vec<u8>) {
-        let (tx, mut rx) = mpsc::channel::<(Publish, Result<AppendTicket, BrokerError>)>(MAX_INFLIGHT_BATCHES_PER_PRODUCER);
+    async fn publish_pipeline(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        first: Publish,
+        first_body: Vec<u8>,
+    ) {
+        let (tx, mut rx) = mpsc::channel::<(Publish, Result<AppendTicket, BrokerError>)>(
+            MAX_INFLIGHT_BATCHES_PER_PRODUCER,
+        );
         let broker = self.clone();
         let acker = async move {
             while let Some((p, res)) = rx.recv().await {
@@ -296,10 +334,13 @@ impl Broker {
                                     timestamp_ms: a.timestamp_ms,
                                 }),
                                 None => ServerMessage::Error(
-                                    BrokerError::internal("log acknowledged no entry").reply(p.request_id),
+                                    BrokerError::internal("log acknowledged no entry")
+                                        .reply(p.request_id),
                                 ),
                             },
-                            Err(e) => ServerMessage::Error(BrokerError::from(e).reply(p.request_id)),
+                            Err(e) => {
+                                ServerMessage::Error(BrokerError::from(e).reply(p.request_id))
+                            }
                         }
                     }
                     Err(e) => ServerMessage::Error(e.reply(p.request_id)),
@@ -323,19 +364,43 @@ impl Broker {
                             body,
                         })) => (p, body),
                         Ok(Some(_)) => {
-                            let e = BrokerError::new(ErrorCode::UnexpectedMessage, "only Publish frames may follow a Publish on a producer stream");
-                            let _ = tx.send((Publish { request_id: 0, topic: String::new(), partition: 0 }, Err(e))).await;
+                            let e = BrokerError::new(
+                                ErrorCode::UnexpectedMessage,
+                                "only Publish frames may follow a Publish on a producer stream",
+                            );
+                            let _ = tx
+                                .send((
+                                    Publish {
+                                        request_id: 0,
+                                        topic: String::new(),
+                                        partition: 0,
+                                    },
+                                    Err(e),
+                                ))
+                                .await;
                             break;
                         }
                         Ok(None) => break,
                         Err(e) => {
                             let e = BrokerError::new(ErrorCode::for_read_error(&e), e.to_string());
-                            let _ = tx.send((Publish { request_id: 0, topic: String::new(), partition: 0 }, Err(e))).await;
+                            let _ = tx
+                                .send((
+                                    Publish {
+                                        request_id: 0,
+                                        topic: String::new(),
+                                        partition: 0,
+                                    },
+                                    Err(e),
+                                ))
+                                .await;
                             break;
                         }
                     },
                 };
-                let res = broker.clone().validate_and_enqueue(&p, Bytes::from(body)).await;
+                let res = broker
+                    .clone()
+                    .validate_and_enqueue(&p, Bytes::from(body))
+                    .await;
                 if res.is_ok() {
                     broker.inflight_publishes.fetch_add(1, Ordering::SeqCst);
                 }
@@ -350,7 +415,11 @@ impl Broker {
 
     /// The write path up to the log: limits, topic, CRCs, schema id, full
     /// Arrow decode and validation, then enqueue (offsets are assigned there).
-    async fn validate_and_enqueue(self: Arc<Self>, p: &Publish, record: Bytes) -> Result<AppendTicket, BrokerError> {
+    async fn validate_and_enqueue(
+        self: Arc<Self>,
+        p: &Publish,
+        record: Bytes,
+    ) -> Result<AppendTicket, BrokerError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(BrokerError::new(
                 ErrorCode::ShuttingDown,
@@ -360,18 +429,25 @@ impl Broker {
         if record.len() > MAX_BATCH_BYTES as usize {
             return Err(BrokerError::new(
                 ErrorCode::BatchTooLarge,
-                format!("batch of {} bytes exceeds the limit of {MAX_BATCH_BYTES}; split it", record.len()),
+                format!(
+                    "batch of {} bytes exceeds the limit of {MAX_BATCH_BYTES}; split it",
+                    record.len()
+                ),
             ));
         }
         let topic = self.topics.get(&p.topic)?;
         let partition = topic.partition(p.partition)?.clone();
-        let header = BatchHeader::decode(&record).map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+        let header = BatchHeader::decode(&record)
+            .map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
         let body = record.slice(BATCH_HEADER_BYTES..);
         header
             .verify_body(&body)
             .map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
         if header.kind != BatchKind::Data {
-            return Err(BrokerError::new(ErrorCode::InvalidArgument, "producers publish data batches only; control batches are written by the broker"));
+            return Err(BrokerError::new(
+                ErrorCode::InvalidArgument,
+                "producers publish data batches only; control batches are written by the broker",
+            ));
         }
         if header.is_transactional() || header.producer_id != -1 {
             return Err(BrokerError::new(ErrorCode::InvalidArgument, "idempotent and transactional producers are not available in this version; publish without a producer id"));
@@ -387,14 +463,22 @@ impl Broker {
         }
         let rows = if body.len() >= BLOCKING_DECODE_MIN_BYTES {
             let b = body.clone();
-            blocking(move || ipc::decode_body(&schema, b).map(|x| x.num_rows()).map_err(BrokerError::from)).await?
+            blocking(move || {
+                ipc::decode_body(&schema, b)
+                    .map(|x| x.num_rows())
+                    .map_err(BrokerError::from)
+            })
+            .await?
         } else {
             ipc::decode_body(&schema, body.clone())?.num_rows()
         };
         if rows != header.row_count as usize {
             return Err(BrokerError::new(
                 ErrorCode::CorruptBatch,
-                format!("batch header says {} rows, the Arrow body has {rows}", header.row_count),
+                format!(
+                    "batch header says {} rows, the Arrow body has {rows}",
+                    header.row_count
+                ),
             ));
         }
         partition.enqueue(header, body)
@@ -403,7 +487,12 @@ impl Broker {
     /// A subscription: push stored batches while credit lasts, wait for
     /// credit or new data otherwise. Memory held: at most one read's worth of
     /// batches, bounded by the credit.
-    async fn subscription(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, s: Subscribe) {
+    async fn subscription(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        s: Subscribe,
+    ) {
         let setup = || -> Result<_, BrokerError> {
             check_credit(Credit::default(), s.credit)?;
             let topic = self.topics.get(&s.topic)?;
@@ -430,7 +519,8 @@ impl Broker {
         let (topic, log, mut flushed, hw, mut cursor, start_offset) = match setup() {
             Ok(x) => x,
             Err(e) => {
-                let _ = write_frame(&mut send, &ServerMessage::Error(e.reply(0)), Bytes::new()).await;
+                let _ =
+                    write_frame(&mut send, &ServerMessage::Error(e.reply(0)), Bytes::new()).await;
                 let _ = send.finish();
                 return;
             }
@@ -442,7 +532,10 @@ impl Broker {
             start_offset,
             high_watermark: hw.next_offset,
         });
-        if write_frame(&mut send, &subscribed, Bytes::new()).await.is_err() {
+        if write_frame(&mut send, &subscribed, Bytes::new())
+            .await
+            .is_err()
+        {
             return;
         }
         debug!(start_offset, "subscribed");
@@ -453,10 +546,19 @@ impl Broker {
         let credit_reader = tokio::spawn(async move {
             loop {
                 let r = match read_frame::<ClientMessage>(&mut recv).await {
-                    Ok(Some(Frame { msg: ClientMessage::Credit(c), .. })) => Ok(c),
-                    Ok(Some(_)) => Err(BrokerError::new(ErrorCode::UnexpectedMessage, "only Credit frames may follow Subscribe")),
+                    Ok(Some(Frame {
+                        msg: ClientMessage::Credit(c),
+                        ..
+                    })) => Ok(c),
+                    Ok(Some(_)) => Err(BrokerError::new(
+                        ErrorCode::UnexpectedMessage,
+                        "only Credit frames may follow Subscribe",
+                    )),
                     Ok(None) => return,
-                    Err(e) => Err(BrokerError::new(ErrorCode::for_read_error(&e), e.to_string())),
+                    Err(e) => Err(BrokerError::new(
+                        ErrorCode::for_read_error(&e),
+                        e.to_string(),
+                    )),
                 };
                 let stop = r.is_err();
                 if credit_tx.send(r).await.is_err() || stop {
@@ -511,13 +613,18 @@ impl Broker {
                 if !b.header.kind.is_delivered() {
                     continue;
                 }
-                let skip_rows = skip_before.saturating_sub(b.header.base_offset).min(u64::from(b.header.row_count)) as u32;
+                let skip_rows = skip_before
+                    .saturating_sub(b.header.base_offset)
+                    .min(u64::from(b.header.row_count)) as u32;
                 skip_before = 0;
                 let msg = ServerMessage::Batch(BatchDelivery {
                     skip_rows,
                     high_watermark: visible.next_offset,
                 });
-                if write_frame(&mut send, &msg, Bytes::from(b.record)).await.is_err() {
+                if write_frame(&mut send, &msg, Bytes::from(b.record))
+                    .await
+                    .is_err()
+                {
                     return; // subscriber went away
                 }
             }
@@ -555,7 +662,9 @@ fn check_credit(have: Credit, add: Credit) -> Result<Credit, BrokerError> {
         bytes: have.bytes.saturating_add(add.bytes),
         batches: have.batches.saturating_add(add.batches),
     };
-    if total.bytes > MAX_CREDIT_BYTES_PER_SUBSCRIPTION || total.batches > MAX_CREDIT_BATCHES_PER_SUBSCRIPTION {
+    if total.bytes > MAX_CREDIT_BYTES_PER_SUBSCRIPTION
+        || total.batches > MAX_CREDIT_BATCHES_PER_SUBSCRIPTION
+    {
         return Err(BrokerError::new(
             ErrorCode::CreditTooLarge,
             format!(
@@ -572,14 +681,21 @@ async fn fail(send: &mut quinn::SendStream, e: BrokerError) {
     let _ = send.finish();
 }
 
-async fn reject_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: ErrorCode, message: String) {
+async fn reject_stream(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    code: ErrorCode,
+    message: String,
+) {
     let reply = ServerMessage::Error(ErrorReply::new(code, message));
     let _ = write_frame(send, &reply, Bytes::new()).await;
     let _ = send.finish();
     let _ = recv.stop(0u32.into());
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static) -> Result<T, BrokerError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+) -> Result<T, BrokerError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| BrokerError::internal(format!("blocking task failed: {e}")))?
@@ -608,14 +724,19 @@ impl ForReadError for ErrorCode {
         use arrowbus_wire::FrameError as F;
         match e {
             ReadError::Frame(F::Version { .. }) => ErrorCode::UnsupportedVersion,
-            ReadError::Frame(F::ControlLen { .. } | F::BodyTooLarge { .. }) => ErrorCode::FrameTooLarge,
+            ReadError::Frame(F::ControlLen { .. } | F::BodyTooLarge { .. }) => {
+                ErrorCode::FrameTooLarge
+            }
             _ => ErrorCode::MalformedFrame,
         }
     }
 }
 
 /// Bind the QUIC endpoint with the configured transport limits.
-pub fn bind_endpoint(config: &BrokerConfig, crypto: Arc<rustls::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+pub fn bind_endpoint(
+    config: &BrokerConfig,
+    crypto: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<quinn::Endpoint> {
     use quinn::{IdleTimeout, TransportConfig, VarInt};
     let q = &config.quic;
     let mut transport = TransportConfig::default();
@@ -625,13 +746,19 @@ pub fn bind_endpoint(config: &BrokerConfig, crypto: Arc<rustls::ServerConfig>) -
         .receive_window(VarInt::try_from(q.connection_receive_window_bytes)?)
         .stream_receive_window(VarInt::try_from(q.stream_receive_window_bytes)?)
         .send_window(q.send_window_bytes)
-        .max_idle_timeout(Some(IdleTimeout::try_from(Duration::from_millis(q.idle_timeout_ms))?))
+        .max_idle_timeout(Some(IdleTimeout::try_from(Duration::from_millis(
+            q.idle_timeout_ms,
+        ))?))
         .keep_alive_interval(Some(Duration::from_millis(q.keep_alive_ms)));
     let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
     server.transport_config(Arc::new(transport));
-    let socket = std::net::UdpSocket::bind(config.listen)
-        .map_err(|e| anyhow::anyhow!("cannot bind UDP {}: {e} (is another busd running there?)", config.listen))?;
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind UDP {}: {e} (is another busd running there?)",
+            config.listen
+        )
+    })?;
     set_socket_buffers(&socket, q.socket_buffer_bytes);
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

@@ -55,14 +55,28 @@ pub struct Partition {
 }
 
 impl Partition {
-    fn open(topic: &str, id: u32, dir: &Path, node_id: u64, cfg: LogConfig) -> Result<Self, BrokerError> {
+    fn open(
+        topic: &str,
+        id: u32,
+        dir: &Path,
+        node_id: u64,
+        cfg: LogConfig,
+    ) -> Result<Self, BrokerError> {
         let (log, report) = PartitionLog::open(dir, cfg)?;
         if report.truncated_bytes > 0 {
-            tracing::warn!(topic, partition = id, bytes = report.truncated_bytes, "removed torn tail of partition log");
+            tracing::warn!(
+                topic,
+                partition = id,
+                bytes = report.truncated_bytes,
+                "removed torn tail of partition log"
+            );
         }
         let last = log.last_enqueued();
         let last_ts = match last.last_log_id {
-            Some(id) => log.entry(id.index)?.map(|b| b.header.timestamp_ms).unwrap_or(0),
+            Some(id) => log
+                .entry(id.index)?
+                .map(|b| b.header.timestamp_ms)
+                .unwrap_or(0),
             None => 0,
         };
         Ok(Self {
@@ -76,7 +90,11 @@ impl Partition {
 
     /// Assign log id and append time and enqueue the batch; the ticket
     /// completes once the batch is durable.
-    pub fn enqueue(&self, mut header: BatchHeader, body: Bytes) -> Result<AppendTicket, BrokerError> {
+    pub fn enqueue(
+        &self,
+        mut header: BatchHeader,
+        body: Bytes,
+    ) -> Result<AppendTicket, BrokerError> {
         let mut last_ts = self
             .last_ts
             .lock()
@@ -217,7 +235,11 @@ impl Topics {
     }
 
     /// Create a topic (blocking: creates files and partition logs).
-    pub fn create(&self, req: NewTopic, default_retention: (Option<u64>, Option<u64>)) -> Result<Arc<Topic>, BrokerError> {
+    pub fn create(
+        &self,
+        req: NewTopic,
+        default_retention: (Option<u64>, Option<u64>),
+    ) -> Result<Arc<Topic>, BrokerError> {
         validate_topic_name(&req.name)?;
         if req.partitions == 0 || req.partitions > MAX_PARTITIONS_PER_TOPIC {
             return Err(BrokerError::new(
@@ -241,9 +263,15 @@ impl Topics {
             Some(bytes) => Some(Arc::new(ipc::canonical_schema(1, bytes)?)),
             None => None,
         };
-        let _guard = self.admin.lock().map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self
+            .admin
+            .lock()
+            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
         {
-            let map = self.map.read().map_err(|_| BrokerError::internal("topic map lock poisoned"))?;
+            let map = self
+                .map
+                .read()
+                .map_err(|_| BrokerError::internal("topic map lock poisoned"))?;
             if map.contains_key(&req.name) {
                 return Err(BrokerError::new(
                     ErrorCode::TopicAlreadyExists,
@@ -287,10 +315,14 @@ impl Topics {
 
     /// Delete a topic: it disappears at once; its files are removed after.
     pub fn delete(&self, name: &str) -> Result<(), BrokerError> {
-        let _guard = self.admin.lock().map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self
+            .admin
+            .lock()
+            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
         let topic = self.get(name)?;
         let trash = self.dir.join(format!(".deleted-{}-{}", name, now_ms()));
-        std::fs::rename(&topic.dir, &trash).map_err(|e| BrokerError::io("renaming", &topic.dir, e))?;
+        std::fs::rename(&topic.dir, &trash)
+            .map_err(|e| BrokerError::io("renaming", &topic.dir, e))?;
         sync_dir(&self.dir)?;
         self.map
             .write()
@@ -305,12 +337,19 @@ impl Topics {
     }
 
     /// Fix the schema of a topic that has none; return the topic's schema.
-    pub fn set_schema_if_absent(&self, name: &str, schema_ipc: &[u8]) -> Result<Arc<TopicSchema>, BrokerError> {
+    pub fn set_schema_if_absent(
+        &self,
+        name: &str,
+        schema_ipc: &[u8],
+    ) -> Result<Arc<TopicSchema>, BrokerError> {
         let topic = self.get(name)?;
         if let Some(s) = topic.schema() {
             return Ok(s);
         }
-        let _guard = self.admin.lock().map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self
+            .admin
+            .lock()
+            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
         if let Some(s) = topic.schema() {
             return Ok(s);
         }
@@ -338,26 +377,41 @@ impl Topics {
 
 fn load_topic(dir: &Path, node_id: u64, cfg: &LogConfig) -> Result<Topic, BrokerError> {
     let meta_path = dir.join("topic.toml");
-    let text = std::fs::read_to_string(&meta_path).map_err(|e| BrokerError::io("reading", &meta_path, e))?;
+    let text = std::fs::read_to_string(&meta_path)
+        .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
     let meta: TopicMeta = toml::from_str(&text).map_err(|e| {
         BrokerError::new(
             ErrorCode::StorageError,
-            format!("{} is corrupt ({e}); restore it from a backup or delete the topic directory", meta_path.display()),
+            format!(
+                "{} is corrupt ({e}); restore it from a backup or delete the topic directory",
+                meta_path.display()
+            ),
         )
     })?;
     let schema = if meta.schema_id != 0 {
         let p = dir.join("schema.arrows");
         let bytes = std::fs::read(&p).map_err(|e| BrokerError::io("reading", &p, e))?;
-        Some(Arc::new(ipc::canonical_schema(meta.schema_id, &bytes).map_err(|e| {
-            BrokerError::new(ErrorCode::StorageError, format!("{} is corrupt: {e}", p.display()))
-        })?))
+        Some(Arc::new(
+            ipc::canonical_schema(meta.schema_id, &bytes).map_err(|e| {
+                BrokerError::new(
+                    ErrorCode::StorageError,
+                    format!("{} is corrupt: {e}", p.display()),
+                )
+            })?,
+        ))
     } else {
         None
     };
     let mut partitions = Vec::with_capacity(meta.partitions as usize);
     for p in 0..meta.partitions {
         let pdir = dir.join(format!("p-{p}"));
-        partitions.push(Arc::new(Partition::open(&meta.name, p, &pdir, node_id, cfg.clone())?));
+        partitions.push(Arc::new(Partition::open(
+            &meta.name,
+            p,
+            &pdir,
+            node_id,
+            cfg.clone(),
+        )?));
     }
     Ok(Topic {
         meta,
@@ -368,7 +422,8 @@ fn load_topic(dir: &Path, node_id: u64, cfg: &LogConfig) -> Result<Topic, Broker
 }
 
 fn meta_toml(meta: &TopicMeta) -> Result<String, BrokerError> {
-    toml::to_string(meta).map_err(|e| BrokerError::internal(format!("encoding topic metadata: {e}")))
+    toml::to_string(meta)
+        .map_err(|e| BrokerError::internal(format!("encoding topic metadata: {e}")))
 }
 
 /// Topic names become directory names: keep them to a safe alphabet.
@@ -398,8 +453,10 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| BrokerError::io("creating", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| BrokerError::io("writing", &tmp, e))?;
-    f.sync_all().map_err(|e| BrokerError::io("syncing", &tmp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| BrokerError::io("writing", &tmp, e))?;
+    f.sync_all()
+        .map_err(|e| BrokerError::io("syncing", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| BrokerError::io("renaming", &tmp, e))?;
     Ok(())
 }
@@ -430,7 +487,9 @@ impl From<LogError> for BrokerError {
                 "the broker's disk is full ({}); nothing was stored. Free space and retry",
                 path.display()
             ),
-            LogError::Closed => "the partition was closed (topic deleted or broker shutting down)".to_owned(),
+            LogError::Closed => {
+                "the partition was closed (topic deleted or broker shutting down)".to_owned()
+            }
             other => other.to_string(),
         };
         BrokerError::new(code, msg)
@@ -446,7 +505,16 @@ mod tests {
         for good in ["ticks", "a", "trades.v2", "x_y-z", &"a".repeat(249)] {
             validate_topic_name(good).unwrap();
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ünï", &"a".repeat(250)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "ünï",
+            &"a".repeat(250),
+        ] {
             let e = validate_topic_name(bad).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidTopicName, "{bad:?}");
         }

@@ -35,14 +35,17 @@ impl Profile {
         if let Some(d) = std::env::var_os("ARROWBUS_CONFIG_DIR") {
             return PathBuf::from(d).join("profile.toml");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
         home.join(".config/arrowbus/profile.toml")
     }
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read profile {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("profile {} is invalid: {e}", path.display())))
+        toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("profile {} is invalid: {e}", path.display())))
     }
 }
 
@@ -69,10 +72,18 @@ impl ClientConfig {
     /// Resolve from explicit values, the environment and the profile, in
     /// that order of precedence.
     pub fn resolve(broker: Option<String>, ca: Option<PathBuf>) -> Result<Self> {
-        let broker = broker.or_else(|| std::env::var("ARROWBUS_BROKER").ok().filter(|s| !s.is_empty()));
+        let broker = broker.or_else(|| {
+            std::env::var("ARROWBUS_BROKER")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
         let ca = ca.or_else(|| std::env::var_os("ARROWBUS_CA").map(PathBuf::from));
         let path = Profile::default_path();
-        let profile = if path.exists() { Some(Profile::load(&path)?) } else { None };
+        let profile = if path.exists() {
+            Some(Profile::load(&path)?)
+        } else {
+            None
+        };
         let brokers = match (broker, &profile) {
             (Some(b), _) => b.split(',').map(|s| s.trim().to_owned()).collect(),
             (None, Some(p)) if !p.brokers.is_empty() => p.brokers.clone(),

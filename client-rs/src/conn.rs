@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use arrowbus_wire::codec::Message;
 use arrowbus_wire::{
-    decode_control, encode_frame, ClientMessage, Frame, FrameError, FrameHeader, ServerMessage, FRAME_HEADER_BYTES,
+    decode_control, encode_frame, ClientMessage, Frame, FrameError, FrameHeader, ServerMessage,
+    FRAME_HEADER_BYTES,
 };
 use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
@@ -35,9 +36,13 @@ impl Conn {
                     continue;
                 }
             };
-            let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-                .parse()
-                .map_err(|e| Error::Config(format!("bind address: {e}")))?;
+            let bind: SocketAddr = if addr.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            }
+            .parse()
+            .map_err(|e| Error::Config(format!("bind address: {e}")))?;
             let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect {
                 addr: addr_text.clone(),
                 reason: format!("cannot open a UDP socket: {e}"),
@@ -45,7 +50,10 @@ impl Conn {
             let mut client_cfg = quinn::ClientConfig::new(crypto.clone());
             client_cfg.transport_config(Arc::new(transport_config()));
             endpoint.set_default_client_config(client_cfg);
-            let server_name = config.server_name.clone().unwrap_or_else(|| host_of(addr_text));
+            let server_name = config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host_of(addr_text));
             let connecting = match endpoint.connect(addr, &server_name) {
                 Ok(c) => c,
                 Err(e) => {
@@ -93,7 +101,9 @@ impl Conn {
             let _ = send.finish();
             match read_frame::<ServerMessage>(&mut recv).await? {
                 Some(f) => Ok(f.msg),
-                None => Err(Error::Protocol("broker closed the stream without answering".into())),
+                None => Err(Error::Protocol(
+                    "broker closed the stream without answering".into(),
+                )),
             }
         };
         match tokio::time::timeout(self.config.request_timeout, fut).await {
@@ -116,7 +126,9 @@ fn host_of(addr: &str) -> String {
         Some((h, _)) => h,
         None => addr,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 fn explain_connect_error(e: &quinn::ConnectionError) -> String {
@@ -146,9 +158,13 @@ fn transport_config() -> quinn::TransportConfig {
 fn client_crypto(config: &ClientConfig) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = config.ca.as_ref().ok_or_else(|| {
-        Error::Config("no CA file: pass --ca FILE (or ARROWBUS_CA), or use the profile written by `busd dev`".into())
+        Error::Config(
+            "no CA file: pass --ca FILE (or ARROWBUS_CA), or use the profile written by `busd dev`"
+                .into(),
+        )
     })?;
-    let pem = std::fs::read(ca).map_err(|e| Error::Config(format!("cannot read CA file {}: {e}", ca.display())))?;
+    let pem = std::fs::read(ca)
+        .map_err(|e| Error::Config(format!("cannot read CA file {}: {e}", ca.display())))?;
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| Error::Config(format!("CA file {}: {e}", ca.display())))?;
         roots
@@ -156,7 +172,10 @@ fn client_crypto(config: &ClientConfig) -> Result<Arc<quinn::crypto::rustls::Qui
             .map_err(|e| Error::Config(format!("CA file {}: {e}", ca.display())))?;
     }
     if roots.is_empty() {
-        return Err(Error::Config(format!("CA file {} holds no certificate", ca.display())));
+        return Err(Error::Config(format!(
+            "CA file {} holds no certificate",
+            ca.display()
+        )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
@@ -165,7 +184,8 @@ fn client_crypto(config: &ClientConfig) -> Result<Arc<quinn::crypto::rustls::Qui
         .with_root_certificates(roots)
         .with_no_client_auth();
     crypto.alpn_protocols = vec![arrowbus_wire::frame::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| Error::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+        .map_err(|e| Error::Config(e.to_string()))?;
     Ok(Arc::new(quic))
 }
 
@@ -175,7 +195,9 @@ pub(crate) fn transport<E: std::fmt::Display>(e: E) -> Error {
 
 // Same frame reader as the broker's: the two sides may not share a crate
 // with I/O in it (wire is a pure codec), and the function is short.
-pub(crate) async fn read_frame<M: Message>(recv: &mut quinn::RecvStream) -> Result<Option<Frame<M>>> {
+pub(crate) async fn read_frame<M: Message>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Frame<M>>> {
     let mut head = [0u8; FRAME_HEADER_BYTES];
     match recv.read_exact(&mut head).await {
         Ok(()) => {}
@@ -191,13 +213,21 @@ pub(crate) async fn read_frame<M: Message>(recv: &mut quinn::RecvStream) -> Resu
     Ok(Some(Frame { msg, body }))
 }
 
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, msg: &ClientMessage, body: &[u8]) -> Result<()> {
+pub(crate) async fn write_frame(
+    send: &mut quinn::SendStream,
+    msg: &ClientMessage,
+    body: &[u8],
+) -> Result<()> {
     write_frame_chunks(send, msg, vec![Bytes::copy_from_slice(body)]).await
 }
 
 /// Write a frame whose body is the concatenation of `body` chunks (sent
 /// without copying them together).
-pub(crate) async fn write_frame_chunks(send: &mut quinn::SendStream, msg: &ClientMessage, body: Vec<Bytes>) -> Result<()> {
+pub(crate) async fn write_frame_chunks(
+    send: &mut quinn::SendStream,
+    msg: &ClientMessage,
+    body: Vec<Bytes>,
+) -> Result<()> {
     let len: usize = body.iter().map(|b| b.len()).sum();
     let head = encode_frame(msg, len).map_err(|e| match e {
         FrameError::BodyTooLarge { len } => Error::BatchTooLarge(format!(

@@ -32,7 +32,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
-pub use arrowbus_wire::{ErrorCode, Isolation, PartitionInfo, StartAt, TopicInfo, ClusterMetadata, NodeInfo};
+pub use arrowbus_wire::{
+    ClusterMetadata, ErrorCode, Isolation, NodeInfo, PartitionInfo, StartAt, TopicInfo,
+};
 
 pub use admin::{Admin, NewTopic};
 pub use config::{ClientConfig, Profile};
@@ -73,7 +75,9 @@ impl Client {
     }
 
     pub fn admin(&self) -> Admin {
-        Admin { client: self.clone() }
+        Admin {
+            client: self.clone(),
+        }
     }
 
     pub fn producer(&self) -> Producer {
@@ -94,7 +98,11 @@ impl Client {
     /// hostile bytes to a broker.
     #[doc(hidden)]
     pub async fn open_raw_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        self.conn.connection.open_bi().await.map_err(conn::transport)
+        self.conn
+            .connection
+            .open_bi()
+            .await
+            .map_err(conn::transport)
     }
 
     /// Whether the connection is still open (no close reason yet).
@@ -118,7 +126,10 @@ impl Client {
 
     fn remember(&self, info: &TopicInfo) -> Result<Arc<TopicState>> {
         let schema = if info.schema_id != 0 {
-            Some(Arc::new(TopicSchema::from_ipc(info.schema_id, info.schema_ipc.clone())?))
+            Some(Arc::new(TopicSchema::from_ipc(
+                info.schema_id,
+                info.schema_ipc.clone(),
+            )?))
         } else {
             None
         };
@@ -139,7 +150,11 @@ impl Client {
 
     /// The topic's partitions and schema; with `first_batch`, a topic without
     /// a schema gets the batch's.
-    pub(crate) async fn topic_state(&self, name: &str, first_batch: Option<&RecordBatch>) -> Result<Arc<TopicState>> {
+    pub(crate) async fn topic_state(
+        &self,
+        name: &str,
+        first_batch: Option<&RecordBatch>,
+    ) -> Result<Arc<TopicState>> {
         let cached = self.topics.lock().ok().and_then(|m| m.get(name).cloned());
         let state = match cached {
             Some(s) => s,
@@ -156,7 +171,10 @@ impl Client {
                     })
                     .await?
                 {
-                    ServerMessage::Schema { schema_id, schema_ipc } => {
+                    ServerMessage::Schema {
+                        schema_id,
+                        schema_ipc,
+                    } => {
                         let s = Arc::new(TopicState {
                             partitions: state.partitions,
                             schema: Some(Arc::new(TopicSchema::from_ipc(schema_id, schema_ipc)?)),

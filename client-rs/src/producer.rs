@@ -11,8 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arrow_array::RecordBatch;
-use arrowbus_wire::limits::{MAX_BATCH_BYTES, MAX_INFLIGHT_BATCHES_PER_PRODUCER, MAX_INFLIGHT_BYTES_PER_PRODUCER};
-use arrowbus_wire::{BatchHeader, ClientMessage, ErrorCode, Publish, ServerMessage, BATCH_HEADER_BYTES};
+use arrowbus_wire::limits::{
+    MAX_BATCH_BYTES, MAX_INFLIGHT_BATCHES_PER_PRODUCER, MAX_INFLIGHT_BYTES_PER_PRODUCER,
+};
+use arrowbus_wire::{
+    BatchHeader, ClientMessage, ErrorCode, Publish, ServerMessage, BATCH_HEADER_BYTES,
+};
 use bytes::Bytes;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -64,7 +68,11 @@ impl Future for PendingAck {
     type Output = Result<Ack>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| Err(Error::Transport("publish outcome unknown: the producer stream ended".into())))
+            r.unwrap_or_else(|_| {
+                Err(Error::Transport(
+                    "publish outcome unknown: the producer stream ended".into(),
+                ))
+            })
         })
     }
 }
@@ -72,8 +80,12 @@ impl Future for PendingAck {
 impl Producer {
     pub(crate) fn new(client: Client, cfg: ProducerConfig) -> Self {
         let cfg = ProducerConfig {
-            max_inflight_batches: cfg.max_inflight_batches.clamp(1, MAX_INFLIGHT_BATCHES_PER_PRODUCER),
-            max_inflight_bytes: cfg.max_inflight_bytes.clamp(u64::from(MAX_BATCH_BYTES), MAX_INFLIGHT_BYTES_PER_PRODUCER),
+            max_inflight_batches: cfg
+                .max_inflight_batches
+                .clamp(1, MAX_INFLIGHT_BATCHES_PER_PRODUCER),
+            max_inflight_bytes: cfg
+                .max_inflight_bytes
+                .clamp(u64::from(MAX_BATCH_BYTES), MAX_INFLIGHT_BYTES_PER_PRODUCER),
         };
         Self {
             client,
@@ -90,25 +102,37 @@ impl Producer {
     }
 
     /// Publish one batch to a given partition and wait for its ack.
-    pub async fn publish_to(&self, topic: &str, partition: u32, batch: &RecordBatch) -> Result<Ack> {
+    pub async fn publish_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: &RecordBatch,
+    ) -> Result<Ack> {
         self.send(topic, Some(partition), batch).await?.await
     }
 
     /// Put a batch in flight. Waits only while the partition's window is
     /// full; the returned [`PendingAck`] resolves when it is durable.
-    pub async fn send(&self, topic: &str, partition: Option<u32>, batch: &RecordBatch) -> Result<PendingAck> {
+    pub async fn send(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        batch: &RecordBatch,
+    ) -> Result<PendingAck> {
         let state = self.client.topic_state(topic, Some(batch)).await?;
-        let schema = state
-            .schema
-            .as_ref()
-            .ok_or_else(|| Error::Protocol(format!("topic '{topic}' has no schema after setting it")))?;
+        let schema = state.schema.as_ref().ok_or_else(|| {
+            Error::Protocol(format!("topic '{topic}' has no schema after setting it"))
+        })?;
         let partition = match partition {
             Some(p) if p < state.partitions => p,
             Some(p) => {
                 return Err(Error::Broker {
                     code: ErrorCode::PartitionNotFound.as_u16(),
                     name: ErrorCode::PartitionNotFound.name(),
-                    message: format!("topic '{topic}' has partitions 0..{}; partition {p} does not exist", state.partitions),
+                    message: format!(
+                        "topic '{topic}' has partitions 0..{}; partition {p} does not exist",
+                        state.partitions
+                    ),
                     leader_hint: None,
                 })
             }
@@ -116,8 +140,12 @@ impl Producer {
         };
         let batch = conform(batch, &schema.schema)?;
         let body = encode_body(&batch)?;
-        let rows = u32::try_from(batch.num_rows())
-            .map_err(|_| Error::BatchTooLarge(format!("{} rows exceed the 2^32 rows of one batch", batch.num_rows())))?;
+        let rows = u32::try_from(batch.num_rows()).map_err(|_| {
+            Error::BatchTooLarge(format!(
+                "{} rows exceed the 2^32 rows of one batch",
+                batch.num_rows()
+            ))
+        })?;
         let record_len = BATCH_HEADER_BYTES + body.len();
         if record_len > MAX_BATCH_BYTES as usize {
             return Err(Error::BatchTooLarge(format!(
@@ -128,13 +156,23 @@ impl Producer {
             .map_err(|e| Error::BatchTooLarge(e.to_string()))?;
         let pipeline = self.pipeline(topic, partition).await?;
         pipeline
-            .send(topic, partition, Bytes::copy_from_slice(&header.encode()), body)
+            .send(
+                topic,
+                partition,
+                Bytes::copy_from_slice(&header.encode()),
+                body,
+            )
             .await
     }
 
     /// Like [`Producer::send`], but a batch over the size limit is split by
     /// rows into pieces under it. Returns one pending ack per piece.
-    pub async fn send_split(&self, topic: &str, partition: Option<u32>, batch: &RecordBatch) -> Result<Vec<PendingAck>> {
+    pub async fn send_split(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        batch: &RecordBatch,
+    ) -> Result<Vec<PendingAck>> {
         let mut out = Vec::new();
         let mut work = vec![batch.clone()];
         while let Some(b) = work.pop() {
@@ -157,12 +195,24 @@ impl Producer {
     /// `schema_id`. Nothing is checked on this side: for tests and tools that
     /// exercise the broker's validation of untrusted bodies.
     #[doc(hidden)]
-    pub async fn send_raw(&self, topic: &str, partition: u32, schema_id: u32, rows: u32, body: Bytes) -> Result<PendingAck> {
-        let header =
-            BatchHeader::for_body(&body, rows, schema_id).map_err(|e| Error::BatchTooLarge(e.to_string()))?;
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        partition: u32,
+        schema_id: u32,
+        rows: u32,
+        body: Bytes,
+    ) -> Result<PendingAck> {
+        let header = BatchHeader::for_body(&body, rows, schema_id)
+            .map_err(|e| Error::BatchTooLarge(e.to_string()))?;
         let pipeline = self.pipeline(topic, partition).await?;
         pipeline
-            .send(topic, partition, Bytes::copy_from_slice(&header.encode()), body)
+            .send(
+                topic,
+                partition,
+                Bytes::copy_from_slice(&header.encode()),
+                body,
+            )
             .await
     }
 
@@ -208,7 +258,12 @@ impl Pipeline {
         let (send, mut recv) = client.conn.connection.open_bi().await.map_err(transport)?;
         let pending: Arc<Mutex<VecDeque<Pending>>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
-        let (p2, d2, c2, t2) = (pending.clone(), dead.clone(), client.clone(), topic.to_owned());
+        let (p2, d2, c2, t2) = (
+            pending.clone(),
+            dead.clone(),
+            client.clone(),
+            topic.to_owned(),
+        );
         let reader = tokio::spawn(async move {
             let end_reason = loop {
                 let msg = match read_frame::<ServerMessage>(&mut recv).await {
@@ -229,7 +284,11 @@ impl Pipeline {
                     ServerMessage::Error(e) => {
                         if matches!(
                             ErrorCode::from_u16(e.code),
-                            Some(ErrorCode::SchemaMismatch | ErrorCode::SchemaNotSet | ErrorCode::TopicNotFound)
+                            Some(
+                                ErrorCode::SchemaMismatch
+                                    | ErrorCode::SchemaNotSet
+                                    | ErrorCode::TopicNotFound
+                            )
                         ) {
                             // Our cached topic state is stale: refetch next time.
                             c2.forget_topic(&t2);
@@ -257,7 +316,10 @@ impl Pipeline {
                 }
             };
             d2.store(true, Ordering::SeqCst);
-            let drained: Vec<Pending> = p2.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+            let drained: Vec<Pending> = p2
+                .lock()
+                .map(|mut q| q.drain(..).collect())
+                .unwrap_or_default();
             for p in drained {
                 let _ = p.tx.send(Err(Error::Transport(format!(
                     "publish outcome unknown ({end_reason}): the batch may or may not be stored"
@@ -275,11 +337,22 @@ impl Pipeline {
         })
     }
 
-    async fn send(&self, topic: &str, partition: u32, header: Bytes, body: Bytes) -> Result<PendingAck> {
+    async fn send(
+        &self,
+        topic: &str,
+        partition: u32,
+        header: Bytes,
+        body: Bytes,
+    ) -> Result<PendingAck> {
         let kib = ((header.len() + body.len()) / 1024 + 1) as u32;
         let closed = |_| Error::Transport("producer stream closed".into());
         let count = self.count.clone().acquire_owned().await.map_err(closed)?;
-        let bytes = self.kib.clone().acquire_many_owned(kib).await.map_err(closed)?;
+        let bytes = self
+            .kib
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(closed)?;
         // The stream lock orders frames and the pending queue identically.
         let mut send = self.send.lock().await;
         if self.dead.load(Ordering::SeqCst) {

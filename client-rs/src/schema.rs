@@ -42,7 +42,11 @@ impl TopicSchema {
 pub fn encode_schema(schema: &Schema) -> Result<Vec<u8>> {
     let opts = IpcWriteOptions::default();
     let mut tracker = DictionaryTracker::new(false);
-    let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(schema, &mut tracker, &opts);
+    let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+        schema,
+        &mut tracker,
+        &opts,
+    );
     let mut out = Vec::new();
     arrow_ipc::writer::write_message(&mut out, encoded, &opts)?;
     Ok(out)
@@ -78,7 +82,10 @@ fn arrow_buffer_from(v: Vec<u8>) -> arrow_buffer::Buffer {
 /// Encode a batch body: its dictionary messages, then the record batch
 /// message (the IPC stream minus the schema message and end marker).
 pub fn encode_body(batch: &RecordBatch) -> Result<Bytes> {
-    let mut w = StreamWriter::try_new(Vec::with_capacity(batch.get_array_memory_size() + 1024), &batch.schema())?;
+    let mut w = StreamWriter::try_new(
+        Vec::with_capacity(batch.get_array_memory_size() + 1024),
+        &batch.schema(),
+    )?;
     let schema_len = w.get_ref().len();
     w.write(batch)?;
     let all = std::mem::take(w.get_mut());
@@ -128,16 +135,26 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
     }
     let mut problems = Vec::new();
     let same_names = src.fields().len() == target.fields().len()
-        && src.fields().iter().zip(target.fields()).all(|(a, b)| a.name() == b.name());
+        && src
+            .fields()
+            .iter()
+            .zip(target.fields())
+            .all(|(a, b)| a.name() == b.name());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for (i, tf) in target.fields().iter().enumerate() {
         let col = if same_names {
             Some(batch.column(i).clone())
         } else {
-            src.index_of(tf.name()).ok().map(|j| batch.column(j).clone())
+            src.index_of(tf.name())
+                .ok()
+                .map(|j| batch.column(j).clone())
         };
         let Some(col) = col else {
-            problems.push(format!("field '{}' ({}) is missing from the batch", tf.name(), tf.data_type()));
+            problems.push(format!(
+                "field '{}' ({}) is missing from the batch",
+                tf.name(),
+                tf.data_type()
+            ));
             continue;
         };
         match conform_column(&col, tf) {
@@ -148,7 +165,11 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
     if !same_names {
         for f in src.fields() {
             if target.field_with_name(f.name()).is_err() {
-                problems.push(format!("field '{}' ({}) is not in the topic schema", f.name(), f.data_type()));
+                problems.push(format!(
+                    "field '{}' ({}) is not in the topic schema",
+                    f.name(),
+                    f.data_type()
+                ));
             }
         }
     }
@@ -171,9 +192,13 @@ fn conform_column(col: &ArrayRef, tf: &Field) -> std::result::Result<ArrayRef, S
     let out = if from == to {
         col.clone()
     } else if equivalent(from, to) {
-        arrow_cast::cast(col, to).map_err(|e| format!("field '{}': cannot convert {from} to {to}: {e}", tf.name()))?
+        arrow_cast::cast(col, to)
+            .map_err(|e| format!("field '{}': cannot convert {from} to {to}: {e}", tf.name()))?
     } else {
-        return Err(format!("field '{}': topic has {to}, batch has {from}", tf.name()));
+        return Err(format!(
+            "field '{}': topic has {to}, batch has {from}",
+            tf.name()
+        ));
     };
     if !tf.is_nullable() && out.null_count() > 0 {
         return Err(format!(
@@ -201,7 +226,9 @@ pub fn equivalent(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
         (Dictionary(_, va), Dictionary(_, vb)) => equivalent(va, vb),
         (Dictionary(_, va), other) | (other, Dictionary(_, va)) => equivalent(va, other),
-        (List(fa) | LargeList(fa), List(fb) | LargeList(fb)) => equivalent(fa.data_type(), fb.data_type()),
+        (List(fa) | LargeList(fa), List(fb) | LargeList(fb)) => {
+            equivalent(fa.data_type(), fb.data_type())
+        }
         (Struct(fa), Struct(fb)) => {
             fa.len() == fb.len()
                 && fa
@@ -222,7 +249,9 @@ pub fn schema_of(batch: &RecordBatch) -> SchemaRef {
 mod tests {
     use super::*;
     use arrow_array::types::Int32Type;
-    use arrow_array::{DictionaryArray, Float64Array, Int64Array, LargeStringArray, StringArray, StringViewArray};
+    use arrow_array::{
+        DictionaryArray, Float64Array, Int64Array, LargeStringArray, StringArray, StringViewArray,
+    };
 
     fn topic() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -236,7 +265,11 @@ mod tests {
         let variants: Vec<ArrayRef> = vec![
             Arc::new(LargeStringArray::from(vec!["a", "b"])),
             Arc::new(StringViewArray::from(vec!["a", "b"])),
-            Arc::new(vec!["a", "b"].into_iter().collect::<DictionaryArray<Int32Type>>()),
+            Arc::new(
+                vec!["a", "b"]
+                    .into_iter()
+                    .collect::<DictionaryArray<Int32Type>>(),
+            ),
         ];
         for col in variants {
             let dt = col.data_type().clone();
@@ -244,10 +277,18 @@ mod tests {
                 Field::new("sym", dt.clone(), true),
                 Field::new("px", DataType::Float64, false),
             ]));
-            let b = RecordBatch::try_new(schema, vec![col, Arc::new(Float64Array::from(vec![1.0, 2.0]))]).unwrap();
+            let b = RecordBatch::try_new(
+                schema,
+                vec![col, Arc::new(Float64Array::from(vec![1.0, 2.0]))],
+            )
+            .unwrap();
             let out = conform(&b, &topic()).unwrap();
             assert_eq!(out.schema(), topic(), "from {dt}");
-            let s = out.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let s = out
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
             assert_eq!(s.value(0), "a");
             assert_eq!(s.value(1), "b");
         }
@@ -261,11 +302,21 @@ mod tests {
         ]));
         let b = RecordBatch::try_new(
             schema,
-            vec![Arc::new(Float64Array::from(vec![3.0])), Arc::new(StringArray::from(vec!["z"]))],
+            vec![
+                Arc::new(Float64Array::from(vec![3.0])),
+                Arc::new(StringArray::from(vec!["z"])),
+            ],
         )
         .unwrap();
         let out = conform(&b, &topic()).unwrap();
-        assert_eq!(out.column(1).as_any().downcast_ref::<Float64Array>().unwrap().value(0), 3.0);
+        assert_eq!(
+            out.column(1)
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .value(0),
+            3.0
+        );
     }
 
     #[test]
@@ -276,15 +327,24 @@ mod tests {
         ]));
         let b = RecordBatch::try_new(
             schema,
-            vec![Arc::new(Int64Array::from(vec![1])), Arc::new(Float64Array::from(vec![1.0]))],
+            vec![
+                Arc::new(Int64Array::from(vec![1])),
+                Arc::new(Float64Array::from(vec![1.0])),
+            ],
         )
         .unwrap();
         let Error::SchemaMismatch(m) = conform(&b, &topic()).unwrap_err() else {
             panic!("wrong error kind")
         };
-        assert!(m.contains("field 'sym': topic has Utf8, batch has Int64"), "{m}");
+        assert!(
+            m.contains("field 'sym': topic has Utf8, batch has Int64"),
+            "{m}"
+        );
         assert!(m.contains("field 'px' (Float64) is missing"), "{m}");
-        assert!(m.contains("field 'qty' (Float64) is not in the topic schema"), "{m}");
+        assert!(
+            m.contains("field 'qty' (Float64) is not in the topic schema"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -320,6 +380,9 @@ mod tests {
         let ts = TopicSchema::from_ipc(1, encode_schema(&topic()).unwrap()).unwrap();
         let mut d = BodyDecoder::new(&ts).unwrap();
         assert_eq!(d.decode(encode_body(&b).unwrap()).unwrap(), b);
-        assert_eq!(d.decode(encode_body(&b.slice(1, 1)).unwrap()).unwrap(), b.slice(1, 1));
+        assert_eq!(
+            d.decode(encode_body(&b.slice(1, 1)).unwrap()).unwrap(),
+            b.slice(1, 1)
+        );
     }
 }

@@ -9,9 +9,12 @@ use std::task::{Context, Poll};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use arrowbus_wire::limits::{MAX_CREDIT_BATCHES_PER_SUBSCRIPTION, MAX_CREDIT_BYTES_PER_SUBSCRIPTION};
+use arrowbus_wire::limits::{
+    MAX_CREDIT_BATCHES_PER_SUBSCRIPTION, MAX_CREDIT_BYTES_PER_SUBSCRIPTION,
+};
 use arrowbus_wire::{
-    BatchHeader, ClientMessage, Credit, Isolation, ServerMessage, StartAt, Subscribe, BATCH_HEADER_BYTES,
+    BatchHeader, ClientMessage, Credit, Isolation, ServerMessage, StartAt, Subscribe,
+    BATCH_HEADER_BYTES,
 };
 use bytes::Bytes;
 use futures::Stream;
@@ -114,7 +117,11 @@ impl Stream for Subscriber {
     }
 }
 
-pub(crate) async fn subscribe(client: &Client, topic: &str, opts: SubscribeOptions) -> Result<Subscriber> {
+pub(crate) async fn subscribe(
+    client: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+) -> Result<Subscriber> {
     if opts.credit_bytes == 0
         || opts.credit_batches == 0
         || opts.credit_bytes > MAX_CREDIT_BYTES_PER_SUBSCRIPTION
@@ -133,7 +140,8 @@ pub(crate) async fn subscribe(client: &Client, topic: &str, opts: SubscribeOptio
     let (tx, rx) = mpsc::channel(partitions.len().max(2));
     let mut tasks = JoinSet::new();
     for p in partitions {
-        let (client, topic, opts, tx) = (client.clone(), topic.to_owned(), opts.clone(), tx.clone());
+        let (client, topic, opts, tx) =
+            (client.clone(), topic.to_owned(), opts.clone(), tx.clone());
         tasks.spawn(async move {
             if let Err(e) = run_partition(&client, &topic, p, &opts, &tx).await {
                 let _ = tx.send(Err(e)).await;
@@ -173,7 +181,11 @@ async fn run_partition(
             ServerMessage::Error(e) => return Err(Error::from_reply(&e)),
             other => return Err(crate::admin::unexpected(other)),
         },
-        None => return Err(Error::Protocol("broker closed the subscription before answering".into())),
+        None => {
+            return Err(Error::Protocol(
+                "broker closed the subscription before answering".into(),
+            ))
+        }
     };
     let end = subscribed.high_watermark;
     if opts.until_end && subscribed.start_offset >= end {
@@ -181,7 +193,10 @@ async fn run_partition(
         return Ok(());
     }
     let mut schema = if subscribed.schema_id != 0 {
-        Some(TopicSchema::from_ipc(subscribed.schema_id, subscribed.schema_ipc)?)
+        Some(TopicSchema::from_ipc(
+            subscribed.schema_id,
+            subscribed.schema_ipc,
+        )?)
     } else {
         None
     };
@@ -202,18 +217,27 @@ async fn run_partition(
         };
         let record = Bytes::from(frame.body);
         let record_len = record.len() as u64;
-        let header = BatchHeader::decode(&record).map_err(|e| Error::Protocol(format!("delivered batch: {e}")))?;
+        let header = BatchHeader::decode(&record)
+            .map_err(|e| Error::Protocol(format!("delivered batch: {e}")))?;
         let body = record.slice(BATCH_HEADER_BYTES..);
-        header
-            .verify_body(&body)
-            .map_err(|e| Error::Protocol(format!("delivered batch at offset {}: {e}", header.base_offset)))?;
+        header.verify_body(&body).map_err(|e| {
+            Error::Protocol(format!(
+                "delivered batch at offset {}: {e}",
+                header.base_offset
+            ))
+        })?;
         if schema.as_ref().map(|s| s.id) != Some(header.schema_id) {
             let state = client.refresh_topic(topic).await?;
             let s = state
                 .schema
                 .clone()
                 .filter(|s| s.id == header.schema_id)
-                .ok_or_else(|| Error::Protocol(format!("batch uses schema id {} the topic does not have", header.schema_id)))?;
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "batch uses schema id {} the topic does not have",
+                        header.schema_id
+                    ))
+                })?;
             decoder = Some(BodyDecoder::new(&s)?);
             schema = Some(TopicSchema::clone(&s));
         }
@@ -244,7 +268,9 @@ async fn run_partition(
         // of half the window to keep Credit frames rare.
         returned.bytes += record_len;
         returned.batches += 1;
-        if returned.batches >= credit.batches.div_ceil(2) || returned.bytes >= credit.bytes.div_ceil(2) {
+        if returned.batches >= credit.batches.div_ceil(2)
+            || returned.bytes >= credit.bytes.div_ceil(2)
+        {
             write_frame(&mut send, &ClientMessage::Credit(returned), &[]).await?;
             returned = Credit::default();
         }
@@ -258,4 +284,3 @@ impl Client {
         subscribe(self, topic, opts).await
     }
 }
-

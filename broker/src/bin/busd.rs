@@ -24,7 +24,11 @@ const EXIT_STORAGE: u8 = 3;
 const EXIT_NETWORK: u8 = 4;
 
 #[derive(Parser)]
-#[command(name = "busd", version, about = "arrowbus broker: durable Arrow topic logs over QUIC")]
+#[command(
+    name = "busd",
+    version,
+    about = "arrowbus broker: durable Arrow topic logs over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -82,7 +86,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            (cfg, Some(profile.unwrap_or_else(profile::default_profile_path)))
+            (
+                cfg,
+                Some(profile.unwrap_or_else(profile::default_profile_path)),
+            )
         }
         Cmd::Run { config } => {
             let text = match std::fs::read_to_string(&config) {
@@ -105,7 +112,10 @@ fn main() -> ExitCode {
         eprintln!("busd: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("busd: cannot start the async runtime: {e}");
@@ -146,7 +156,11 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
             ca: None,
         },
         _ => {
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
             let ip = config.listen.ip();
             if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
                 names.push(ip.to_string());
@@ -156,7 +170,9 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
                 .map_err(Failure::Other)?
         }
     };
-    let crypto = tls::server_crypto(&tls_files).context("loading TLS certificate").map_err(Failure::Other)?;
+    let crypto = tls::server_crypto(&tls_files)
+        .context("loading TLS certificate")
+        .map_err(Failure::Other)?;
 
     let data_dir = config.data_dir.clone();
     let node_id = config.node_id;
@@ -198,7 +214,10 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
