@@ -480,6 +480,9 @@ impl From<LogError> for BrokerError {
             LogError::DiskFull { .. } => ErrorCode::StorageFull,
             LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             LogError::Closed => ErrorCode::TopicNotFound,
+            LogError::Busy { .. } => ErrorCode::Busy,
+            // The broker built an entry the log refuses: our bug, not the client's.
+            LogError::InvalidEntry { .. } | LogError::NonContiguous { .. } => ErrorCode::Internal,
             _ => ErrorCode::StorageError,
         };
         let msg = match &e {

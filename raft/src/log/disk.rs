@@ -306,7 +306,9 @@ pub(crate) fn load_idx(
             ts: le64(&c[24..32]) as i64,
         });
     }
-    let sane = entries.windows(2).all(|p| p[0].pos < p[1].pos && p[0].index < p[1].index)
+    let sane = entries
+        .windows(2)
+        .all(|p| p[0].pos < p[1].pos && p[0].index < p[1].index)
         && entries
             .iter()
             .all(|e| e.pos >= SEG_HEADER_BYTES && e.pos < seg_len && e.index <= last_index);
@@ -336,7 +338,9 @@ impl<'a> ChunkReader<'a> {
     pub fn get(&mut self, pos: u64, n: usize, limit: u64) -> io::Result<&[u8]> {
         let have = pos >= self.buf_pos && pos + n as u64 <= self.buf_pos + self.buf.len() as u64;
         if !have {
-            let want = (n.max(self.cap) as u64).min(limit.saturating_sub(pos)).max(n as u64);
+            let want = (n.max(self.cap) as u64)
+                .min(limit.saturating_sub(pos))
+                .max(n as u64);
             self.buf.resize(want as usize, 0);
             self.file.read_exact_at(&mut self.buf, pos)?;
             self.buf_pos = pos;
@@ -380,34 +384,67 @@ pub(crate) fn walk_segment(
     // Bounded by the file length: every iteration advances by at least a header.
     while pos < file_len {
         if file_len - pos < hb {
-            let s = stop(pos, format!("incomplete record header ({} bytes)", file_len - pos));
-            return Ok(Walk { meta, index, stop: s });
+            let s = stop(
+                pos,
+                format!("incomplete record header ({} bytes)", file_len - pos),
+            );
+            return Ok(Walk {
+                meta,
+                index,
+                stop: s,
+            });
         }
-        let bytes = r.get(pos, hb as usize, file_len).map_err(|e| io_err("read", path, e))?;
+        let bytes = r
+            .get(pos, hb as usize, file_len)
+            .map_err(|e| io_err("read", path, e))?;
         let h = match BatchHeader::decode(bytes) {
             Ok(h) => h,
-            Err(e) => return Ok(Walk { meta, index, stop: stop(pos, e.to_string()) }),
+            Err(e) => {
+                return Ok(Walk {
+                    meta,
+                    index,
+                    stop: stop(pos, e.to_string()),
+                })
+            }
         };
         let (want_index, want_offset) = (meta.last_index() + 1, meta.next_offset());
         let bad = if h.log_id.index != want_index {
-            Some(format!("entry index {} where {want_index} was expected", h.log_id.index))
+            Some(format!(
+                "entry index {} where {want_index} was expected",
+                h.log_id.index
+            ))
         } else if h.base_offset != want_offset {
-            Some(format!("base offset {} where {want_offset} was expected", h.base_offset))
+            Some(format!(
+                "base offset {} where {want_offset} was expected",
+                h.base_offset
+            ))
         } else if h.body_len > MAX_ENTRY_BODY_BYTES {
             Some(format!("body length {} exceeds the limit", h.body_len))
         } else if pos + h.record_len() > file_len {
-            Some(format!("incomplete record: {} of {} bytes", file_len - pos, h.record_len()))
+            Some(format!(
+                "incomplete record: {} of {} bytes",
+                file_len - pos,
+                h.record_len()
+            ))
         } else {
             None
         };
         if let Some(reason) = bad {
-            return Ok(Walk { meta, index, stop: stop(pos, reason) });
+            return Ok(Walk {
+                meta,
+                index,
+                stop: stop(pos, reason),
+            });
         }
         let body = r
             .get(pos + hb, h.body_len as usize, file_len)
             .map_err(|e| io_err("read", path, e))?;
         if let Err(e) = h.verify_body(body) {
-            return Ok(Walk { meta, index, stop: stop(pos, e.to_string()) });
+            return Ok(Walk {
+                meta,
+                index,
+                stop: stop(pos, e.to_string()),
+            });
         }
         if last_indexed.is_none_or(|p| pos - p >= interval_bytes) {
             index.push(IndexEntry {
@@ -421,7 +458,11 @@ pub(crate) fn walk_segment(
         meta.push(&h, pos);
         pos = meta.len;
     }
-    Ok(Walk { meta, index, stop: None })
+    Ok(Walk {
+        meta,
+        index,
+        stop: None,
+    })
 }
 
 /// Is there a valid record header for entry `min_index` or later anywhere in
@@ -477,19 +518,29 @@ pub(crate) fn scan_headers(
     let hb = BATCH_HEADER_BYTES as u64;
     // Bounded by `limit`: each step advances by a whole record.
     while pos + hb <= limit {
-        let bytes = r.get(pos, hb as usize, limit).map_err(|e| io_err("read", path, e))?;
+        let bytes = r
+            .get(pos, hb as usize, limit)
+            .map_err(|e| io_err("read", path, e))?;
         let h = BatchHeader::decode(bytes).map_err(|e| LogError::Corrupt {
             path: path.to_owned(),
             position: pos,
             reason: e.to_string(),
         })?;
         if stop(&h) {
-            return Ok(ScanEnd { pos, found: Some(h), prev });
+            return Ok(ScanEnd {
+                pos,
+                found: Some(h),
+                prev,
+            });
         }
         pos += h.record_len();
         prev = Some((h, pos - h.record_len()));
     }
-    Ok(ScanEnd { pos, found: None, prev })
+    Ok(ScanEnd {
+        pos,
+        found: None,
+        prev,
+    })
 }
 
 pub(crate) struct ScanEnd {

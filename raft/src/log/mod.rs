@@ -65,7 +65,6 @@
 //! [`FsyncPolicy::Interval`] is weaker: tickets complete and readers see data
 //! after the write reaches the page cache; an fsync runs every interval. A
 //! machine crash loses up to one interval of acknowledged appends.
-#![allow(clippy::result_large_err)]
 
 mod disk;
 mod writer;
@@ -88,8 +87,8 @@ use arrowbus_wire::{BatchHeader, LogId, BATCH_HEADER_BYTES};
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use disk::{IndexEntry, SegMeta, SEG_HEADER_BYTES};
 pub use disk::MAX_ENTRY_BODY_BYTES;
+use disk::{IndexEntry, SegMeta, SEG_HEADER_BYTES};
 
 /// Smallest accepted `segment_max_bytes`: below one page a segment is all
 /// header and file overhead (tests use this to force many rolls).
@@ -284,9 +283,17 @@ pub enum LogError {
     #[error("entry index {got} does not continue the log: expected {expected}")]
     NonContiguous { expected: u64, got: u64 },
     #[error("offset {requested} is outside the log's retained range {start}..={end}")]
-    OffsetOutOfRange { requested: u64, start: u64, end: u64 },
+    OffsetOutOfRange {
+        requested: u64,
+        start: u64,
+        end: u64,
+    },
     #[error("log index {requested} is outside the retained range {first}..={last}")]
-    IndexOutOfRange { requested: u64, first: u64, last: u64 },
+    IndexOutOfRange {
+        requested: u64,
+        first: u64,
+        last: u64,
+    },
     #[error("disk full writing {path}: nothing of the failed group was acknowledged; the log resumes once space is freed")]
     DiskFull { path: PathBuf },
     #[error("{op} {path}: {source}")]
@@ -310,7 +317,10 @@ pub enum LogError {
     #[error("invalid entry {index}: {reason}")]
     InvalidEntry { index: u64, reason: String },
     #[error("the partition log's write queue is full ({queued_bytes} bytes, {queued_entries} entries): retry after earlier appends complete")]
-    Busy { queued_bytes: u64, queued_entries: u64 },
+    Busy {
+        queued_bytes: u64,
+        queued_entries: u64,
+    },
 }
 
 impl LogError {
@@ -388,7 +398,9 @@ impl Future for AppendTicket {
         match &mut self.inner {
             TicketInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(LogError::Closed))),
             // The writer dropping the sender without answering means it stopped.
-            TicketInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(LogError::Closed))),
+            TicketInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(LogError::Closed))),
         }
     }
 }
@@ -436,11 +448,12 @@ impl Segs {
         self.last().map_or(0, |s| s.meta.next_offset())
     }
     fn position(&self) -> LogPosition {
-        self.last().map_or_else(LogPosition::default, |s| LogPosition {
-            last_index: s.meta.last_index(),
-            last_log_id: s.meta.last_log_id(),
-            next_offset: s.meta.next_offset(),
-        })
+        self.last()
+            .map_or_else(LogPosition::default, |s| LogPosition {
+                last_index: s.meta.last_index(),
+                last_log_id: s.meta.last_log_id(),
+                next_offset: s.meta.next_offset(),
+            })
     }
     fn out_of_range(&self, requested: u64) -> LogError {
         LogError::OffsetOutOfRange {
@@ -516,7 +529,10 @@ impl Drop for PartitionLog {
 impl PartitionLog {
     /// Blocking. Creates the directory if missing, recovers (module doc) and
     /// starts the writer thread.
-    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(Arc<PartitionLog>, RecoveryReport), LogError> {
+    pub fn open(
+        dir: &Path,
+        cfg: LogConfig,
+    ) -> Result<(Arc<PartitionLog>, RecoveryReport), LogError> {
         cfg.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| disk::io_err("create directory", dir, e))?;
         let (list, report) = recover(dir, &cfg)?;
@@ -575,7 +591,10 @@ impl PartitionLog {
             let index = h.log_id.index;
             let invalid = |reason: String| Err(LogError::InvalidEntry { index, reason });
             if h.body_len > MAX_ENTRY_BODY_BYTES {
-                return invalid(format!("body of {} bytes exceeds {MAX_ENTRY_BODY_BYTES}", h.body_len));
+                return invalid(format!(
+                    "body of {} bytes exceeds {MAX_ENTRY_BODY_BYTES}",
+                    h.body_len
+                ));
             }
             if let Err(err) = h.verify_body(&e.body) {
                 return invalid(err.to_string());
@@ -706,7 +725,10 @@ impl PartitionLog {
     /// Removes entries with index >= `index` (Raft conflict truncation).
     /// Serialized with appends through the writer; durable before it completes.
     /// Truncating below the first retained index is refused (`IndexOutOfRange`).
-    pub fn truncate_from(&self, index: u64) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
+    pub fn truncate_from(
+        &self,
+        index: u64,
+    ) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
         let index = index.max(1);
         let res = self.enqueue_truncate(index);
         async move {
@@ -718,7 +740,10 @@ impl PartitionLog {
         }
     }
 
-    fn enqueue_truncate(&self, index: u64) -> Result<Option<oneshot::Receiver<Result<(), LogError>>>, LogError> {
+    fn enqueue_truncate(
+        &self,
+        index: u64,
+    ) -> Result<Option<oneshot::Receiver<Result<(), LogError>>>, LogError> {
         let mut enq = lock(&self.inner.enq);
         if self.inner.failed.load(Ordering::Acquire) {
             return Err(LogError::Failed);
@@ -730,7 +755,12 @@ impl PartitionLog {
             return Ok(None);
         }
         // The position entry `index - 1` leaves: in flight, or on disk.
-        let new_pos = if let Some(f) = enq.inflight.iter().rev().find(|f| f.log_id.index == index - 1) {
+        let new_pos = if let Some(f) = enq
+            .inflight
+            .iter()
+            .rev()
+            .find(|f| f.log_id.index == index - 1)
+        {
             LogPosition {
                 last_index: index - 1,
                 last_log_id: Some(f.log_id),
@@ -741,11 +771,9 @@ impl PartitionLog {
         };
         enq.inflight.retain(|f| f.log_id.index < index);
         enq.pos = new_pos;
-        enq.seq += 1;
         let (tx, rx) = oneshot::channel();
         let req = writer::Request::Truncate(writer::TruncateReq {
             epoch: enq.epoch,
-            seq: enq.seq,
             index,
             new_pos,
             tx,
@@ -806,9 +834,11 @@ impl PartitionLog {
         retention_ms: Option<u64>,
         retention_bytes: Option<u64>,
     ) -> Result<u64, LogError> {
-        let horizon = retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+        let horizon =
+            retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
         self.delete_oldest(|seg, total| {
-            retention_bytes.is_some_and(|b| total > b) || horizon.is_some_and(|h| seg.meta.last_ts() < h)
+            retention_bytes.is_some_and(|b| total > b)
+                || horizon.is_some_and(|h| seg.meta.last_ts() < h)
         })
     }
 
@@ -863,15 +893,21 @@ impl PartitionLog {
         let from = k.checked_sub(1).map(|k| seg.index[k]);
         let (file, path, meta) = (seg.file.clone(), seg.path.clone(), seg.meta);
         drop(s);
-        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| (e.pos, e.index, e.offset));
-        let end = disk::scan_headers(&file, &path, start.0, meta.len, |h| hit(h.base_offset, h.next_offset()))?;
+        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| {
+            (e.pos, e.index, e.offset)
+        });
+        let end = disk::scan_headers(&file, &path, start.0, meta.len, |h| {
+            hit(h.base_offset, h.next_offset())
+        })?;
         Ok(cursor_at(&meta, start, &end))
     }
 
     /// Cursor at the first entry with `timestamp_ms >= ts_ms` (end cursor if none).
     pub fn seek_timestamp(&self, ts_ms: i64) -> Result<Cursor, LogError> {
         let s = self.inner.segs();
-        let i = s.list.partition_point(|g| g.meta.last.is_none() || g.meta.last_ts() < ts_ms);
+        let i = s
+            .list
+            .partition_point(|g| g.meta.last.is_none() || g.meta.last_ts() < ts_ms);
         let Some(seg) = s.list.get(i) else {
             return Ok(end_cursor(&s));
         };
@@ -879,14 +915,20 @@ impl PartitionLog {
         let from = k.checked_sub(1).map(|k| seg.index[k]);
         let (file, path, meta) = (seg.file.clone(), seg.path.clone(), seg.meta);
         drop(s);
-        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| (e.pos, e.index, e.offset));
+        let start = from.map_or((SEG_HEADER_BYTES, meta.base_index, meta.base_offset), |e| {
+            (e.pos, e.index, e.offset)
+        });
         let end = disk::scan_headers(&file, &path, start.0, meta.len, |h| h.timestamp_ms >= ts_ms)?;
         Ok(cursor_at(&meta, start, &end))
     }
 
     /// Reads the entry at the cursor if its log index is <= `max_index`, and
     /// advances. `Ok(None)`: nothing visible at the cursor yet.
-    pub fn read(&self, cursor: &mut Cursor, max_index: u64) -> Result<Option<StoredBatch>, LogError> {
+    pub fn read(
+        &self,
+        cursor: &mut Cursor,
+        max_index: u64,
+    ) -> Result<Option<StoredBatch>, LogError> {
         // Each round either returns or moves the cursor to the next segment
         // or re-locates it once after a truncation.
         let mut relocated = false;
@@ -922,7 +964,12 @@ impl PartitionLog {
                         _ => return Ok(None),
                     }
                 }
-                (seg.file.clone(), seg.path.clone(), seg.meta.len, s.truncations)
+                (
+                    seg.file.clone(),
+                    seg.path.clone(),
+                    seg.meta.len,
+                    s.truncations,
+                )
             };
             match read_record(&file, &path, cursor.pos, len, Some(cursor.next_index)) {
                 Ok(b) => {
@@ -945,7 +992,13 @@ impl PartitionLog {
 
     /// Reads one entry by log index (None if not retained or not yet flushed).
     pub fn entry(&self, index: u64) -> Result<Option<StoredBatch>, LogError> {
-        let Some((file, path, pos, len)) = self.find_entry(index)? else {
+        let Some(Located {
+            file,
+            path,
+            pos,
+            len,
+        }) = self.find_entry(index)?
+        else {
             return Ok(None);
         };
         read_record(&file, &path, pos, len, Some(index)).map(Some)
@@ -956,7 +1009,7 @@ impl PartitionLog {
     }
 
     /// File, path, position and readable length of entry `index`.
-    fn find_entry(&self, index: u64) -> Result<Option<(Arc<File>, PathBuf, u64, u64)>, LogError> {
+    fn find_entry(&self, index: u64) -> Result<Option<Located>, LogError> {
         let s = self.inner.segs();
         let Some(seg) = s.find_index(index).map(|i| &s.list[i]) else {
             return Ok(None);
@@ -965,12 +1018,19 @@ impl PartitionLog {
             return Ok(None);
         }
         let k = seg.index.partition_point(|e| e.index <= index);
-        let from = k.checked_sub(1).map_or(SEG_HEADER_BYTES, |k| seg.index[k].pos);
+        let from = k
+            .checked_sub(1)
+            .map_or(SEG_HEADER_BYTES, |k| seg.index[k].pos);
         let (file, path, len) = (seg.file.clone(), seg.path.clone(), seg.meta.len);
         drop(s);
         let end = disk::scan_headers(&file, &path, from, len, |h| h.log_id.index >= index)?;
         match end.found {
-            Some(h) if h.log_id.index == index => Ok(Some((file, path, end.pos, len))),
+            Some(h) if h.log_id.index == index => Ok(Some(Located {
+                file,
+                path,
+                pos: end.pos,
+                len,
+            })),
             _ => Err(LogError::Corrupt {
                 path,
                 position: end.pos,
@@ -992,10 +1052,17 @@ impl PartitionLog {
         }
         drop(s);
         match self.find_entry(index)? {
-            Some((file, path, p, len)) => {
+            Some(Located {
+                file,
+                path,
+                pos: p,
+                len,
+            }) => {
                 let b = read_record(&file, &path, p, len, Some(index))?;
                 let s = self.inner.segs();
-                let seg = s.find_index(index).map_or(first, |i| s.list[i].meta.base_index);
+                let seg = s
+                    .find_index(index)
+                    .map_or(first, |i| s.list[i].meta.base_index);
                 Ok(Cursor {
                     seg,
                     pos: p,
@@ -1018,6 +1085,15 @@ impl PartitionLog {
             }
         }
     }
+}
+
+/// Where one entry is: its segment's file, the record position and the
+/// segment's readable length.
+struct Located {
+    file: Arc<File>,
+    path: PathBuf,
+    pos: u64,
+    len: u64,
 }
 
 fn end_cursor(s: &Segs) -> Cursor {
@@ -1070,21 +1146,29 @@ fn read_record(
         return Err(corrupt("record header past the flushed end".into()));
     }
     let mut head = [0u8; BATCH_HEADER_BYTES];
-    file.read_exact_at(&mut head, pos).map_err(|e| disk::io_err("read", path, e))?;
+    file.read_exact_at(&mut head, pos)
+        .map_err(|e| disk::io_err("read", path, e))?;
     let h = BatchHeader::decode(&head).map_err(|e| corrupt(e.to_string()))?;
     if let Some(want) = want_index {
         if h.log_id.index != want {
-            return Err(corrupt(format!("entry {} where {want} was expected", h.log_id.index)));
+            return Err(corrupt(format!(
+                "entry {} where {want} was expected",
+                h.log_id.index
+            )));
         }
     }
     if h.body_len > MAX_ENTRY_BODY_BYTES || pos + h.record_len() > len {
-        return Err(corrupt(format!("body length {} runs past the flushed end", h.body_len)));
+        return Err(corrupt(format!(
+            "body length {} runs past the flushed end",
+            h.body_len
+        )));
     }
     let mut record = vec![0u8; h.record_len() as usize];
     record[..BATCH_HEADER_BYTES].copy_from_slice(&head);
     file.read_exact_at(&mut record[BATCH_HEADER_BYTES..], pos + hb)
         .map_err(|e| disk::io_err("read", path, e))?;
-    h.verify_body(&record[BATCH_HEADER_BYTES..]).map_err(|e| corrupt(e.to_string()))?;
+    h.verify_body(&record[BATCH_HEADER_BYTES..])
+        .map_err(|e| corrupt(e.to_string()))?;
     Ok(StoredBatch { header: h, record })
 }
 
@@ -1133,7 +1217,9 @@ fn write_idx(dir: &Path, meta: &SegMeta, index: &[IndexEntry]) -> Result<(), Log
                 .and_then(|f| f.sync_all())
                 .map_err(|e| disk::io_err("fsync", &tmp, e))
         })
-        .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| disk::write_err("rename", &tmp, e)));
+        .and_then(|()| {
+            std::fs::rename(&tmp, &path).map_err(|e| disk::write_err("rename", &tmp, e))
+        });
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -1182,7 +1268,10 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
     for (i, &base) in bases.iter().enumerate() {
         let path = disk::seg_path(dir, base);
         let file = open_rw(&path)?;
-        let file_len = file.metadata().map_err(|e| disk::io_err("stat", &path, e))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|e| disk::io_err("stat", &path, e))?
+            .len();
         let corrupt = |position: u64, reason: String| LogError::Corrupt {
             path: path.clone(),
             position,
@@ -1190,12 +1279,22 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
         };
         let mut hb = [0u8; SEG_HEADER_BYTES as usize];
         if file_len < SEG_HEADER_BYTES {
-            return Err(corrupt(0, format!("segment file is {file_len} bytes, shorter than its header")));
+            return Err(corrupt(
+                0,
+                format!("segment file is {file_len} bytes, shorter than its header"),
+            ));
         }
-        file.read_exact_at(&mut hb, 0).map_err(|e| disk::io_err("read", &path, e))?;
+        file.read_exact_at(&mut hb, 0)
+            .map_err(|e| disk::io_err("read", &path, e))?;
         let header = disk::decode_seg_header(&hb).map_err(|r| corrupt(0, r))?;
         if header.base_index != base {
-            return Err(corrupt(0, format!("header says base index {}, file name {base}", header.base_index)));
+            return Err(corrupt(
+                0,
+                format!(
+                    "header says base index {}, file name {base}",
+                    header.base_index
+                ),
+            ));
         }
         if let Some(prev) = list.back() {
             let p = prev.meta;
@@ -1221,7 +1320,13 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
             match disk::load_idx(&idx_path, &header, &file, file_len) {
                 Some(loaded) => loaded,
                 None => {
-                    let w = disk::walk_segment(&file, &path, header, file_len, cfg.index_interval_bytes)?;
+                    let w = disk::walk_segment(
+                        &file,
+                        &path,
+                        header,
+                        file_len,
+                        cfg.index_interval_bytes,
+                    )?;
                     if let Some(stop) = w.stop {
                         return Err(corrupt(stop.pos, stop.reason));
                     }
@@ -1247,7 +1352,9 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
                 };
                 if tail > window {
                     let want = w.meta.last_index() + 1;
-                    if let Some(at) = disk::later_record_exists(&file, &path, stop.pos + 1, file_len, want)? {
+                    if let Some(at) =
+                        disk::later_record_exists(&file, &path, stop.pos + 1, file_len, want)?
+                    {
                         return Err(corrupt(
                             stop.pos,
                             format!("{} (a valid later record at byte {at} shows this is not a torn tail)", stop.reason),
@@ -1256,8 +1363,10 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
                 }
                 tracing::warn!(segment = %path.display(), position = stop.pos, bytes = tail,
                     reason = %stop.reason, "cutting torn tail");
-                file.set_len(stop.pos).map_err(|e| disk::io_err("truncate", &path, e))?;
-                file.sync_all().map_err(|e| disk::io_err("fsync", &path, e))?;
+                file.set_len(stop.pos)
+                    .map_err(|e| disk::io_err("truncate", &path, e))?;
+                file.sync_all()
+                    .map_err(|e| disk::io_err("fsync", &path, e))?;
                 report.truncated_bytes = tail;
             }
             (w.meta, w.index)

@@ -45,8 +45,6 @@ pub(crate) struct AppendReq {
 
 pub(crate) struct TruncateReq {
     pub epoch: u64,
-    #[allow(dead_code)] // kept for tracing and ordering checks
-    pub seq: u64,
     pub index: u64,
     pub new_pos: LogPosition,
     pub tx: oneshot::Sender<Result<(), LogError>>,
@@ -92,7 +90,10 @@ struct Writer {
     last_sync: Instant,
 }
 
-pub(crate) fn spawn(inner: Arc<Inner>, rx: Receiver<Request>) -> Result<std::thread::JoinHandle<()>, LogError> {
+pub(crate) fn spawn(
+    inner: Arc<Inner>,
+    rx: Receiver<Request>,
+) -> Result<std::thread::JoinHandle<()>, LogError> {
     let active = {
         let s = inner.segs();
         let Some(last) = s.last() else {
@@ -301,7 +302,11 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, live: &[AppendReq], results: &mut Vec<Vec<Appended>>) -> Result<(), Fail> {
+    fn write_group(
+        &mut self,
+        live: &[AppendReq],
+        results: &mut Vec<Vec<Appended>>,
+    ) -> Result<(), Fail> {
         for r in live {
             let mut out = Vec::with_capacity(r.records.len());
             for rec in &r.records {
@@ -325,8 +330,13 @@ impl Writer {
         if h.log_id.index != m.last_index() + 1 || h.base_offset != m.next_offset() {
             // The enqueue side and the writer disagree: a bug. Refuse rather
             // than write a log that recovery would reject.
-            tracing::error!(index = h.log_id.index, expected = m.last_index() + 1,
-                offset = h.base_offset, expected_offset = m.next_offset(), "writer out of step");
+            tracing::error!(
+                index = h.log_id.index,
+                expected = m.last_index() + 1,
+                offset = h.base_offset,
+                expected_offset = m.next_offset(),
+                "writer out of step"
+            );
             return Err(Fail::Write(LogError::NonContiguous {
                 expected: m.last_index() + 1,
                 got: h.log_id.index,
@@ -389,7 +399,11 @@ impl Writer {
         };
         all.extend_from_slice(&self.active.new_index);
         write_idx(&self.inner.dir, &self.active.meta, &all).map_err(Fail::Write)?;
-        let meta = SegMeta::empty(next.log_id.index, next.base_offset, self.active.meta.last_log_id());
+        let meta = SegMeta::empty(
+            next.log_id.index,
+            next.base_offset,
+            self.active.meta.last_log_id(),
+        );
         // create_segment fsyncs the directory, which also makes the idx rename durable.
         let (path, file) = create_segment(&self.inner.dir, &meta).map_err(Fail::Write)?;
         let mut old = std::mem::replace(
@@ -405,7 +419,11 @@ impl Writer {
         );
         old.sealed = true;
         self.rolled.push(old);
-        tracing::debug!(base_index = meta.base_index, base_offset = meta.base_offset, "rolled segment");
+        tracing::debug!(
+            base_index = meta.base_index,
+            base_offset = meta.base_offset,
+            "rolled segment"
+        );
         Ok(())
     }
 
@@ -465,7 +483,10 @@ impl Writer {
             pending.extend(rolled.iter_mut());
             pending.push(&mut self.active);
             for p in pending {
-                let published = s.list.back_mut().filter(|b| b.meta.base_index == p.meta.base_index);
+                let published = s
+                    .list
+                    .back_mut()
+                    .filter(|b| b.meta.base_index == p.meta.base_index);
                 match published {
                     Some(b) => {
                         b.meta = p.meta;
@@ -555,7 +576,11 @@ impl Writer {
             // Everything retained goes: replace the segment by an empty one
             // with the same name (atomic rename) that remembers where it starts.
             if seg.meta.base_offset != new_pos.next_offset || seg.meta.prev != new_pos.last_log_id {
-                return Err(disagree(&seg.path, 0, "segment start disagrees with the enqueued position".into()));
+                return Err(disagree(
+                    &seg.path,
+                    0,
+                    "segment start disagrees with the enqueued position".into(),
+                ));
             }
             let meta = SegMeta::empty(index, seg.meta.base_offset, seg.meta.prev);
             disk::remove_if_exists(&disk::idx_path(&dir, seg.meta.base_index)).map_err(fatal)?;
@@ -567,22 +592,53 @@ impl Writer {
                 index: Vec::new(),
                 sealed: false,
             };
+        } else if index == seg.meta.last_index() + 1 {
+            // The cut is exactly at this segment's end: it stays whole and
+            // becomes the active segment again.
+            if seg.meta.next_offset() != new_pos.next_offset
+                || seg.meta.last_log_id() != new_pos.last_log_id
+            {
+                return Err(disagree(
+                    &seg.path,
+                    seg.meta.len,
+                    "segment end disagrees with the enqueued position".into(),
+                ));
+            }
+            if seg.sealed {
+                disk::remove_if_exists(&disk::idx_path(&dir, seg.meta.base_index))
+                    .map_err(fatal)?;
+                disk::fsync_dir(&dir).map_err(fatal)?;
+            }
+            seg.sealed = false;
         } else {
             let k = seg.index.partition_point(|e| e.index < index);
-            let from = k.checked_sub(1).map_or(SEG_HEADER_BYTES, |k| seg.index[k].pos);
-            let end = disk::scan_headers(&seg.file, &seg.path, from, seg.meta.len, |h| h.log_id.index >= index)
-                .map_err(fatal)?;
+            let from = k
+                .checked_sub(1)
+                .map_or(SEG_HEADER_BYTES, |k| seg.index[k].pos);
+            let end = disk::scan_headers(&seg.file, &seg.path, from, seg.meta.len, |h| {
+                h.log_id.index >= index
+            })
+            .map_err(fatal)?;
             let (Some(found), Some((prev, prev_pos))) = (end.found, end.prev) else {
-                return Err(disagree(&seg.path, end.pos, "entry not found in its segment".into()));
+                return Err(disagree(
+                    &seg.path,
+                    end.pos,
+                    "entry not found in its segment".into(),
+                ));
             };
             if found.log_id.index != index
                 || prev.next_offset() != new_pos.next_offset
                 || Some(prev.log_id) != new_pos.last_log_id
             {
-                return Err(disagree(&seg.path, end.pos, "disk disagrees with the enqueued position".into()));
+                return Err(disagree(
+                    &seg.path,
+                    end.pos,
+                    "disk disagrees with the enqueued position".into(),
+                ));
             }
             if seg.sealed {
-                disk::remove_if_exists(&disk::idx_path(&dir, seg.meta.base_index)).map_err(fatal)?;
+                disk::remove_if_exists(&disk::idx_path(&dir, seg.meta.base_index))
+                    .map_err(fatal)?;
                 disk::fsync_dir(&dir).map_err(fatal)?;
             }
             seg.file
