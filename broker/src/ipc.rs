@@ -114,7 +114,29 @@ pub fn canonical_schema(id: u32, bytes: &[u8]) -> Result<TopicSchema, IpcError> 
 
 /// Decode and validate a batch body (dictionary messages, then exactly one
 /// record batch message) against the topic schema. Returns the batch.
+///
+/// A panic inside the Arrow reader (a reader bug on hostile input) is caught
+/// and reported as invalid IPC: one bad body must not take down the stream
+/// or the node.
 pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, IpcError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_body_inner(schema, body)
+    })) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(IpcError::Invalid(format!(
+                "batch body: the Arrow reader rejected it ({what})"
+            )))
+        }
+    }
+}
+
+fn decode_body_inner(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, IpcError> {
     let mut decoder = StreamDecoder::new();
     let mut head = Buffer::from(schema.ipc.clone());
     while !head.is_empty() {
@@ -122,6 +144,7 @@ pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, Ipc
             .decode(&mut head)
             .map_err(|e| IpcError::from_arrow("topic schema", e))?;
     }
+    let complete_empty_tail = ends_with_empty_body_message(&body);
     let mut buf = Buffer::from(body);
     let mut batch = None;
     while !buf.is_empty() {
@@ -145,6 +168,14 @@ pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, Ipc
             )));
         }
     }
+    if batch.is_none() && complete_empty_tail {
+        // A record batch message with an empty body (no buffers: zero rows,
+        // or only Null columns) is completed by the decoder only when more
+        // bytes arrive: a lone continuation marker completes it.
+        batch = decoder
+            .decode(&mut Buffer::from(vec![0xFFu8; 4]))
+            .map_err(|e| IpcError::from_arrow("batch body", e))?;
+    }
     let batch = batch.ok_or_else(|| {
         IpcError::Invalid("batch body ended before a complete record batch message".into())
     })?;
@@ -156,6 +187,43 @@ pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, Ipc
         ));
     }
     Ok(batch)
+}
+
+/// Whether `bytes` is a whole sequence of encapsulated IPC messages whose
+/// last message declares an empty body. Only then may a decoder still be
+/// holding that message incomplete (it completes a message on the next
+/// bytes); for any other input, feeding it more bytes would make it read
+/// them as message content. Lengths are untrusted: every step is bounded.
+fn ends_with_empty_body_message(bytes: &[u8]) -> bool {
+    let mut at = 0usize;
+    let mut last_empty = false;
+    while at < bytes.len() {
+        let Some(word) = bytes.get(at..at + 4) else {
+            return false;
+        };
+        if word == [0xFF; 4] {
+            at += 4;
+        }
+        let Some(len) = bytes
+            .get(at..at + 4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+        else {
+            return false;
+        };
+        at += 4;
+        let Some(meta) = bytes.get(at..at.saturating_add(len)) else {
+            return false;
+        };
+        let Ok(message) = arrow_ipc::root_as_message(meta) else {
+            return false;
+        };
+        let Ok(body_len) = usize::try_from(message.bodyLength()) else {
+            return false;
+        };
+        at = at.saturating_add(len).saturating_add(body_len);
+        last_empty = body_len == 0;
+    }
+    at == bytes.len() && last_empty
 }
 
 /// The schema a topic reports when it has none yet.
@@ -220,6 +288,30 @@ mod tests {
             Err(IpcError::Invalid(m)) if m.contains("more than one") || m.contains("follow")
         ));
         assert!(decode_body(&ts, Bytes::from(vec![0xFFu8; 64])).is_err());
+    }
+
+    #[test]
+    fn bodies_without_buffers_decode() {
+        // Zero rows, and a Null column: record batch messages with an empty body.
+        let b = sample().slice(0, 0);
+        let ts = canonical_schema(1, &encode_schema(&b.schema()).unwrap()).unwrap();
+        assert_eq!(
+            decode_body(&ts, Bytes::from(body_of(&b)))
+                .unwrap()
+                .num_rows(),
+            0
+        );
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Null, true)]));
+        let nulls = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(arrow_array::NullArray::new(3))],
+        )
+        .unwrap();
+        let ts = canonical_schema(1, &encode_schema(&schema).unwrap()).unwrap();
+        assert_eq!(
+            decode_body(&ts, Bytes::from(body_of(&nulls))).unwrap(),
+            nulls
+        );
     }
 
     #[test]

@@ -53,21 +53,29 @@ impl Default for ProducerConfig {
     }
 }
 
+/// Open producer streams by (topic, partition).
+type Pipelines = Arc<tokio::sync::Mutex<HashMap<(String, u32), Arc<Pipeline>>>>;
+
 #[derive(Clone)]
 pub struct Producer {
     client: Client,
     cfg: ProducerConfig,
-    pipelines: Arc<tokio::sync::Mutex<HashMap<(String, u32), Arc<Pipeline>>>>,
+    pipelines: Pipelines,
     round_robin: Arc<AtomicU32>,
 }
 
 /// An in-flight publish; resolves to its [`Ack`] once the batch is durable.
-pub struct PendingAck(oneshot::Receiver<Result<Ack>>);
+/// It keeps its producer stream open, so dropping the [`Producer`] does not
+/// lose the answers of publishes already in flight.
+pub struct PendingAck {
+    rx: oneshot::Receiver<Result<Ack>>,
+    _pipeline: Arc<Pipeline>,
+}
 
 impl Future for PendingAck {
     type Output = Result<Ack>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| {
+        Pin::new(&mut self.rx).poll(cx).map(|r| {
             r.unwrap_or_else(|_| {
                 Err(Error::Transport(
                     "publish outcome unknown: the producer stream ended".into(),
@@ -338,7 +346,7 @@ impl Pipeline {
     }
 
     async fn send(
-        &self,
+        self: Arc<Self>,
         topic: &str,
         partition: u32,
         header: Bytes,
@@ -377,6 +385,10 @@ impl Pipeline {
             self.dead.store(true, Ordering::SeqCst);
             return Err(e);
         }
-        Ok(PendingAck(rx))
+        drop(send);
+        Ok(PendingAck {
+            rx,
+            _pipeline: self.clone(),
+        })
     }
 }

@@ -92,31 +92,79 @@ pub fn encode_body(batch: &RecordBatch) -> Result<Bytes> {
     Ok(Bytes::from(all).slice(schema_len..))
 }
 
-/// Decodes batch bodies of one partition stream.
+/// Decodes batch bodies against a topic schema. Every body carries its own
+/// dictionaries, so each is decoded by a fresh Arrow decoder primed with the
+/// schema: no state leaks from one batch to the next.
 pub struct BodyDecoder {
-    decoder: StreamDecoder,
+    schema: Bytes,
 }
 
 impl BodyDecoder {
     pub fn new(schema: &TopicSchema) -> Result<Self> {
-        let mut decoder = StreamDecoder::new();
-        let mut head = arrow_buffer::Buffer::from(schema.ipc.clone());
-        while !head.is_empty() {
-            decoder.decode(&mut head)?;
-        }
-        Ok(Self { decoder })
+        Ok(Self {
+            schema: schema.ipc.clone(),
+        })
     }
 
     pub fn decode(&mut self, body: Bytes) -> Result<RecordBatch> {
+        let mut decoder = StreamDecoder::new();
+        let mut head = arrow_buffer::Buffer::from(self.schema.clone());
+        while !head.is_empty() {
+            decoder.decode(&mut head)?;
+        }
+        let complete_empty_tail = ends_with_empty_body_message(&body);
         let mut buf = arrow_buffer::Buffer::from(body);
         let mut out = None;
         while !buf.is_empty() {
-            if let Some(b) = self.decoder.decode(&mut buf)? {
+            if let Some(b) = decoder.decode(&mut buf)? {
                 out = Some(b);
             }
         }
+        if out.is_none() && complete_empty_tail {
+            // A record batch message with an empty body (zero rows, or only
+            // Null columns) completes only when more bytes arrive.
+            out = decoder.decode(&mut arrow_buffer::Buffer::from(vec![0xFFu8; 4]))?;
+        }
         out.ok_or_else(|| Error::Protocol("batch body held no record batch".into()))
     }
+}
+
+// The broker has the same check (crates may not share code with Arrow in it).
+/// Whether `bytes` is a whole sequence of encapsulated IPC messages whose
+/// last message declares an empty body. Only then may a decoder still be
+/// holding that message incomplete (it completes a message on the next
+/// bytes); for any other input, feeding it more bytes would make it read
+/// them as message content. Lengths are untrusted: every step is bounded.
+fn ends_with_empty_body_message(bytes: &[u8]) -> bool {
+    let mut at = 0usize;
+    let mut last_empty = false;
+    while at < bytes.len() {
+        let Some(word) = bytes.get(at..at + 4) else {
+            return false;
+        };
+        if word == [0xFF; 4] {
+            at += 4;
+        }
+        let Some(len) = bytes
+            .get(at..at + 4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+        else {
+            return false;
+        };
+        at += 4;
+        let Some(meta) = bytes.get(at..at.saturating_add(len)) else {
+            return false;
+        };
+        let Ok(message) = arrow_ipc::root_as_message(meta) else {
+            return false;
+        };
+        let Ok(body_len) = usize::try_from(message.bodyLength()) else {
+            return false;
+        };
+        at = at.saturating_add(len).saturating_add(body_len);
+        last_empty = body_len == 0;
+    }
+    at == bytes.len() && last_empty
 }
 
 /// Return `batch` with exactly the topic schema: same fields (by name, in the

@@ -71,17 +71,33 @@ async fn acked_batches_survive_repeated_kill9() {
                 acked.insert((ack.partition, ack.base_offset), (s, r));
             }
         }
-        println!("round {round}: killed after {kill_after:?}, {} batches acked so far", acked.len());
+        println!(
+            "round {round}: killed after {kill_after:?}, {} batches acked so far",
+            acked.len()
+        );
         busd.restart();
         verify(&busd, &acked, &sent).await;
     }
-    assert!(acked.len() > ROUNDS, "too few acks to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > ROUNDS,
+        "too few acks to mean anything: {}",
+        acked.len()
+    );
 }
 
-async fn verify(busd: &Busd, acked: &BTreeMap<(u32, u64), (i64, usize)>, sent: &BTreeMap<i64, usize>) {
+async fn verify(
+    busd: &Busd,
+    acked: &BTreeMap<(u32, u64), (i64, usize)>,
+    sent: &BTreeMap<i64, usize>,
+) {
     let client = busd.client().await;
     let mut sub = client
-        .subscribe("crash", SubscribeOptions::default().from(StartAt::Earliest).until_end())
+        .subscribe(
+            "crash",
+            SubscribeOptions::default()
+                .from(StartAt::Earliest)
+                .until_end(),
+        )
         .await
         .unwrap();
     let mut seen: BTreeMap<(u32, u64), Vec<i64>> = BTreeMap::new();
@@ -95,15 +111,24 @@ async fn verify(busd: &Busd, acked: &BTreeMap<(u32, u64), (i64, usize)>, sent: &
         let rows = seqs(&d.batch);
         // Whatever is visible was really sent, whole (a batch is one sent batch).
         let first = rows[0];
-        assert_eq!(sent.get(&first), Some(&rows.len()), "visible batch at p{} offset {} was never sent as such", d.partition, d.offset);
+        assert_eq!(
+            sent.get(&first),
+            Some(&rows.len()),
+            "visible batch at p{} offset {} was never sent as such",
+            d.partition,
+            d.offset
+        );
         assert_eq!(rows, (first..first + rows.len() as i64).collect::<Vec<_>>());
         seen.insert((d.partition, d.offset), rows);
     }
     for ((p, off), (first, n)) in acked {
-        let rows = seen
-            .get(&(*p, *off))
-            .unwrap_or_else(|| panic!("acked batch p{p} offset {off} (seq {first}, {n} rows) is missing after restart"));
+        let rows = seen.get(&(*p, *off)).unwrap_or_else(|| {
+            panic!("acked batch p{p} offset {off} (seq {first}, {n} rows) is missing after restart")
+        });
         assert_eq!(rows.len(), *n);
-        assert_eq!(rows[0], *first, "p{p} offset {off} holds other rows than were acked");
+        assert_eq!(
+            rows[0], *first,
+            "p{p} offset {off} holds other rows than were acked"
+        );
     }
 }

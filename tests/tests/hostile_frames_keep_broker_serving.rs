@@ -15,11 +15,16 @@ async fn exchange(client: &arrowbus::Client, bytes: &[u8]) -> Option<ServerMessa
     let (mut send, mut recv) = client.open_raw_stream().await.unwrap();
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), recv.read_to_end(1 << 20))
-        .await
-        .expect("broker neither answered nor closed the stream within 10 s")
-        .ok()?;
-    decode_frame::<ServerMessage>(&answer).ok().map(|(f, _)| f.msg)
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        recv.read_to_end(1 << 20),
+    )
+    .await
+    .expect("broker neither answered nor closed the stream within 10 s")
+    .ok()?;
+    decode_frame::<ServerMessage>(&answer)
+        .ok()
+        .map(|(f, _)| f.msg)
 }
 
 fn error_code(m: Option<ServerMessage>) -> Option<ErrorCode> {
@@ -37,7 +42,11 @@ fn frame(msg: &ClientMessage) -> Vec<u8> {
 async fn hostile_frames_get_error_codes_and_the_broker_keeps_serving() {
     let busd = Busd::start();
     let client = busd.client().await;
-    client.admin().create_topic(NewTopic::new("t")).await.unwrap();
+    client
+        .admin()
+        .create_topic(NewTopic::new("t"))
+        .await
+        .unwrap();
     let ack = client.producer().publish("t", &ticks(0, 10)).await.unwrap();
 
     let good = frame(&ClientMessage::ListTopics);
@@ -45,14 +54,23 @@ async fn hostile_frames_get_error_codes_and_the_broker_keeps_serving() {
     // Wrong protocol version.
     let mut v = good.clone();
     v[2] = 42;
-    assert_eq!(error_code(exchange(&client, &v).await), Some(ErrorCode::UnsupportedVersion));
+    assert_eq!(
+        error_code(exchange(&client, &v).await),
+        Some(ErrorCode::UnsupportedVersion)
+    );
     // Oversized length prefixes: refused before any allocation.
     let mut v = good.clone();
     v[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(error_code(exchange(&client, &v).await), Some(ErrorCode::FrameTooLarge));
+    assert_eq!(
+        error_code(exchange(&client, &v).await),
+        Some(ErrorCode::FrameTooLarge)
+    );
     let mut v = good.clone();
     v[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(error_code(exchange(&client, &v).await), Some(ErrorCode::FrameTooLarge));
+    assert_eq!(
+        error_code(exchange(&client, &v).await),
+        Some(ErrorCode::FrameTooLarge)
+    );
     // Truncated frames: every cut of a valid request.
     for cut in 1..good.len() {
         assert_eq!(
@@ -62,14 +80,26 @@ async fn hostile_frames_get_error_codes_and_the_broker_keeps_serving() {
         );
     }
     // Bad magic, and a control section that is not a valid message.
-    assert_eq!(error_code(exchange(&client, b"GET / HTTP/1.1\r\n\r\n").await), Some(ErrorCode::MalformedFrame));
+    assert_eq!(
+        error_code(exchange(&client, b"GET / HTTP/1.1\r\n\r\n").await),
+        Some(ErrorCode::MalformedFrame)
+    );
     let mut v = good.clone();
     let n = v.len();
     v[16..n].fill(0xEE);
-    assert_eq!(error_code(exchange(&client, &v).await), Some(ErrorCode::MalformedFrame));
+    assert_eq!(
+        error_code(exchange(&client, &v).await),
+        Some(ErrorCode::MalformedFrame)
+    );
     // Credit outside a subscription.
-    let credit = frame(&ClientMessage::Credit(Credit { bytes: 1, batches: 1 }));
-    assert_eq!(error_code(exchange(&client, &credit).await), Some(ErrorCode::UnexpectedMessage));
+    let credit = frame(&ClientMessage::Credit(Credit {
+        bytes: 1,
+        batches: 1,
+    }));
+    assert_eq!(
+        error_code(exchange(&client, &credit).await),
+        Some(ErrorCode::UnexpectedMessage)
+    );
 
     // Seeded random bytes, with and without a valid frame header in front.
     let seed = arrowbus_tests::seed();
@@ -94,7 +124,12 @@ async fn hostile_frames_get_error_codes_and_the_broker_keeps_serving() {
     assert_eq!(client.admin().list_topics().await.unwrap().len(), 1);
     let other = busd.client().await;
     let mut sub = other
-        .subscribe("t", SubscribeOptions::default().from(StartAt::Earliest).until_end())
+        .subscribe(
+            "t",
+            SubscribeOptions::default()
+                .from(StartAt::Earliest)
+                .until_end(),
+        )
         .await
         .unwrap();
     let d = sub.next().await.unwrap().unwrap();
@@ -106,7 +141,11 @@ async fn hostile_frames_get_error_codes_and_the_broker_keeps_serving() {
 async fn garbage_after_a_valid_publish_ends_only_that_stream() {
     let busd = Busd::start();
     let client = busd.client().await;
-    client.admin().create_topic(NewTopic::new("t")).await.unwrap();
+    client
+        .admin()
+        .create_topic(NewTopic::new("t"))
+        .await
+        .unwrap();
     client.producer().publish("t", &ticks(0, 1)).await.unwrap();
     // A corrupt batch body on a producer stream: refused with CorruptBatch.
     let producer = client.producer();
@@ -132,13 +171,18 @@ async fn garbage_after_a_valid_publish_ends_only_that_stream() {
 
 /// Read one frame from a raw subscription stream, or None if nothing
 /// arrives within `wait` (the broker is holding back for lack of credit).
-async fn next_frame(recv: &mut quinn::RecvStream, wait: std::time::Duration) -> Option<ServerMessage> {
+async fn next_frame(
+    recv: &mut quinn::RecvStream,
+    wait: std::time::Duration,
+) -> Option<ServerMessage> {
     let mut head = [0u8; 16];
     match tokio::time::timeout(wait, recv.read_exact(&mut head)).await {
         Err(_) => return None,
         Ok(r) => r.unwrap(),
     }
-    let header = arrowbus_wire::FrameHeader::decode(&head, arrowbus_wire::Direction::BrokerToClient).unwrap();
+    let header =
+        arrowbus_wire::FrameHeader::decode(&head, arrowbus_wire::Direction::BrokerToClient)
+            .unwrap();
     let mut rest = vec![0u8; (header.control_len + header.body_len) as usize];
     recv.read_exact(&mut rest).await.unwrap();
     let mut all = head.to_vec();
@@ -150,9 +194,17 @@ async fn next_frame(recv: &mut quinn::RecvStream, wait: std::time::Duration) -> 
 async fn broker_sends_only_what_the_credit_allows() {
     let busd = Busd::start();
     let client = busd.client().await;
-    client.admin().create_topic(NewTopic::new("t")).await.unwrap();
+    client
+        .admin()
+        .create_topic(NewTopic::new("t"))
+        .await
+        .unwrap();
     for i in 0..10 {
-        client.producer().publish("t", &ticks(i * 3, 3)).await.unwrap();
+        client
+            .producer()
+            .publish("t", &ticks(i * 3, 3))
+            .await
+            .unwrap();
     }
     let quiet = std::time::Duration::from_millis(500);
     let subscribe = |credit: Credit| {
@@ -167,31 +219,77 @@ async fn broker_sends_only_what_the_credit_allows() {
 
     // Two batches of credit: exactly two batches, then silence.
     let (mut send, mut recv) = client.open_raw_stream().await.unwrap();
-    send.write_all(&subscribe(Credit { bytes: 1 << 20, batches: 2 })).await.unwrap();
-    assert!(matches!(next_frame(&mut recv, quiet * 10).await, Some(ServerMessage::Subscribed(_))));
+    send.write_all(&subscribe(Credit {
+        bytes: 1 << 20,
+        batches: 2,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_frame(&mut recv, quiet * 10).await,
+        Some(ServerMessage::Subscribed(_))
+    ));
     for _ in 0..2 {
-        assert!(matches!(next_frame(&mut recv, quiet * 10).await, Some(ServerMessage::Batch(_))));
+        assert!(matches!(
+            next_frame(&mut recv, quiet * 10).await,
+            Some(ServerMessage::Batch(_))
+        ));
     }
-    assert!(next_frame(&mut recv, quiet).await.is_none(), "sent beyond the batch credit");
+    assert!(
+        next_frame(&mut recv, quiet).await.is_none(),
+        "sent beyond the batch credit"
+    );
     // Three more: three more batches, then silence again.
-    send.write_all(&frame(&ClientMessage::Credit(Credit { bytes: 0, batches: 3 }))).await.unwrap();
+    send.write_all(&frame(&ClientMessage::Credit(Credit {
+        bytes: 0,
+        batches: 3,
+    })))
+    .await
+    .unwrap();
     for _ in 0..3 {
-        assert!(matches!(next_frame(&mut recv, quiet * 10).await, Some(ServerMessage::Batch(_))));
+        assert!(matches!(
+            next_frame(&mut recv, quiet * 10).await,
+            Some(ServerMessage::Batch(_))
+        ));
     }
-    assert!(next_frame(&mut recv, quiet).await.is_none(), "sent beyond the added credit");
+    assert!(
+        next_frame(&mut recv, quiet).await.is_none(),
+        "sent beyond the added credit"
+    );
 
     // One byte of credit: one whole batch (batches are never split), then silence.
     let (mut send, mut recv) = client.open_raw_stream().await.unwrap();
-    send.write_all(&subscribe(Credit { bytes: 1, batches: 100 })).await.unwrap();
-    assert!(matches!(next_frame(&mut recv, quiet * 10).await, Some(ServerMessage::Subscribed(_))));
-    assert!(matches!(next_frame(&mut recv, quiet * 10).await, Some(ServerMessage::Batch(_))));
-    assert!(next_frame(&mut recv, quiet).await.is_none(), "sent beyond the byte credit");
+    send.write_all(&subscribe(Credit {
+        bytes: 1,
+        batches: 100,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_frame(&mut recv, quiet * 10).await,
+        Some(ServerMessage::Subscribed(_))
+    ));
+    assert!(matches!(
+        next_frame(&mut recv, quiet * 10).await,
+        Some(ServerMessage::Batch(_))
+    ));
+    assert!(
+        next_frame(&mut recv, quiet).await.is_none(),
+        "sent beyond the byte credit"
+    );
 
     // Credit beyond the per-subscription maximum is refused.
     let (mut send, mut recv) = client.open_raw_stream().await.unwrap();
-    send.write_all(&subscribe(Credit { bytes: u64::MAX, batches: 1 })).await.unwrap();
+    send.write_all(&subscribe(Credit {
+        bytes: u64::MAX,
+        batches: 1,
+    }))
+    .await
+    .unwrap();
     match next_frame(&mut recv, quiet * 10).await {
-        Some(ServerMessage::Error(e)) => assert_eq!(ErrorCode::from_u16(e.code), Some(ErrorCode::CreditTooLarge)),
+        Some(ServerMessage::Error(e)) => {
+            assert_eq!(ErrorCode::from_u16(e.code), Some(ErrorCode::CreditTooLarge))
+        }
         other => panic!("expected CreditTooLarge, got {other:?}"),
     }
 }
