@@ -14,6 +14,7 @@ use arrow_array::RecordBatch;
 use arrow_buffer::Buffer;
 use arrow_ipc::reader::StreamDecoder;
 use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
+use arrow_ipc::MessageHeader;
 use arrow_schema::{ArrowError, Schema, SchemaRef};
 use bytes::Bytes;
 
@@ -80,6 +81,18 @@ pub fn canonical_schema(id: u32, bytes: &[u8]) -> Result<TopicSchema, IpcError> 
             arrowbus_wire::limits::MAX_SCHEMA_BYTES
         )));
     }
+    let spans = walk_messages(bytes)?;
+    if spans.len() != 1 || spans[0].kind != MessageHeader::Schema || spans[0].body_len != 0 {
+        return Err(IpcError::Invalid(format!(
+            "schema bytes must hold only a schema message; found {} messages ({:?})",
+            spans.len(),
+            spans.iter().map(|m| m.kind).collect::<Vec<_>>()
+        )));
+    }
+    contain("schema", || canonical_schema_inner(id, bytes))
+}
+
+fn canonical_schema_inner(id: u32, bytes: &[u8]) -> Result<TopicSchema, IpcError> {
     let mut decoder = StreamDecoder::new();
     let mut buf = Buffer::from(bytes.to_vec());
     while !buf.is_empty() {
@@ -114,29 +127,40 @@ pub fn canonical_schema(id: u32, bytes: &[u8]) -> Result<TopicSchema, IpcError> 
 
 /// Decode and validate a batch body (dictionary messages, then exactly one
 /// record batch message) against the topic schema. Returns the batch.
-///
-/// A panic inside the Arrow reader (a reader bug on hostile input) is caught
-/// and reported as invalid IPC: one bad body must not take down the stream
-/// or the node.
 pub fn decode_body(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, IpcError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        decode_body_inner(schema, body)
-    })) {
-        Ok(r) => r,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            Err(IpcError::Invalid(format!(
-                "batch body: the Arrow reader rejected it ({what})"
-            )))
-        }
+    let spans = walk_messages(&body)?;
+    let batches = spans
+        .iter()
+        .filter(|m| m.kind == MessageHeader::RecordBatch)
+        .count();
+    let last = spans.last().copied();
+    if batches != 1 || last.map(|m| m.kind) != Some(MessageHeader::RecordBatch) {
+        return Err(IpcError::Invalid(format!(
+            "a batch body is dictionary messages followed by exactly one record batch message; this one has {} messages, {batches} of them record batches{}",
+            spans.len(),
+            if last.is_some_and(|m| m.kind != MessageHeader::RecordBatch) { ", and does not end with one" } else { "" }
+        )));
     }
+    if let Some(m) = spans.iter().find(|m| {
+        !matches!(
+            m.kind,
+            MessageHeader::RecordBatch | MessageHeader::DictionaryBatch
+        )
+    }) {
+        return Err(IpcError::Invalid(format!(
+            "a batch body may not hold a {:?} message",
+            m.kind
+        )));
+    }
+    let empty_tail = last.is_some_and(|m| m.body_len == 0);
+    contain("batch body", || decode_body_inner(schema, body, empty_tail))
 }
 
-fn decode_body_inner(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, IpcError> {
+fn decode_body_inner(
+    schema: &TopicSchema,
+    body: Bytes,
+    complete_empty_tail: bool,
+) -> Result<RecordBatch, IpcError> {
     let mut decoder = StreamDecoder::new();
     let mut head = Buffer::from(schema.ipc.clone());
     while !head.is_empty() {
@@ -144,7 +168,6 @@ fn decode_body_inner(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, I
             .decode(&mut head)
             .map_err(|e| IpcError::from_arrow("topic schema", e))?;
     }
-    let complete_empty_tail = ends_with_empty_body_message(&body);
     let mut buf = Buffer::from(body);
     let mut batch = None;
     while !buf.is_empty() {
@@ -189,41 +212,94 @@ fn decode_body_inner(schema: &TopicSchema, body: Bytes) -> Result<RecordBatch, I
     Ok(batch)
 }
 
-/// Whether `bytes` is a whole sequence of encapsulated IPC messages whose
-/// last message declares an empty body. Only then may a decoder still be
-/// holding that message incomplete (it completes a message on the next
-/// bytes); for any other input, feeding it more bytes would make it read
-/// them as message content. Lengths are untrusted: every step is bounded.
-fn ends_with_empty_body_message(bytes: &[u8]) -> bool {
+/// Most IPC messages one body may hold (dictionaries plus the batch): a
+/// bound on the walk below, far above any real schema's dictionary count.
+const MAX_MESSAGES_PER_BODY: usize = 65_536;
+
+/// One encapsulated IPC message as declared by its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MessageSpan {
+    kind: MessageHeader,
+    body_len: usize,
+}
+
+/// Walk the framing of a sequence of encapsulated IPC messages (optionally
+/// ended by the end-of-stream marker) without decoding any of them. Every
+/// declared length is checked against the bytes actually present, so the
+/// Arrow decoder that runs afterwards never reserves memory for, or slices
+/// at, a length the input does not back.
+fn walk_messages(bytes: &[u8]) -> Result<Vec<MessageSpan>, IpcError> {
+    let bad = |m: String| IpcError::Invalid(m);
     let mut at = 0usize;
-    let mut last_empty = false;
+    let mut out = Vec::new();
     while at < bytes.len() {
-        let Some(word) = bytes.get(at..at + 4) else {
-            return false;
-        };
-        if word == [0xFF; 4] {
+        if out.len() >= MAX_MESSAGES_PER_BODY {
+            return Err(bad(format!(
+                "more than {MAX_MESSAGES_PER_BODY} IPC messages"
+            )));
+        }
+        if bytes.get(at..at + 4) == Some(&[0xFF; 4][..]) {
             at += 4;
         }
-        let Some(len) = bytes
+        let word = bytes
             .get(at..at + 4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
-        else {
-            return false;
-        };
+            .ok_or_else(|| bad(format!("IPC message length cut off at byte {at}")))?;
+        let meta_len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
         at += 4;
-        let Some(meta) = bytes.get(at..at.saturating_add(len)) else {
-            return false;
-        };
-        let Ok(message) = arrow_ipc::root_as_message(meta) else {
-            return false;
-        };
-        let Ok(body_len) = usize::try_from(message.bodyLength()) else {
-            return false;
-        };
-        at = at.saturating_add(len).saturating_add(body_len);
-        last_empty = body_len == 0;
+        if meta_len == 0 {
+            if at != bytes.len() {
+                return Err(bad(format!(
+                    "{} bytes follow the end-of-stream marker",
+                    bytes.len() - at
+                )));
+            }
+            break;
+        }
+        let meta = bytes.get(at..at.saturating_add(meta_len)).ok_or_else(|| {
+            bad(format!(
+                "IPC message declares {meta_len} bytes of metadata, {} remain",
+                bytes.len() - at
+            ))
+        })?;
+        let message = arrow_ipc::root_as_message(meta)
+            .map_err(|e| bad(format!("IPC message metadata is invalid: {e}")))?;
+        at += meta_len;
+        let body_len = usize::try_from(message.bodyLength())
+            .ok()
+            .filter(|l| *l <= bytes.len() - at)
+            .ok_or_else(|| {
+                bad(format!(
+                    "IPC message declares a body of {} bytes, {} remain",
+                    message.bodyLength(),
+                    bytes.len() - at
+                ))
+            })?;
+        at += body_len;
+        out.push(MessageSpan {
+            kind: message.header_type(),
+            body_len,
+        });
     }
-    at == bytes.len() && last_empty
+    Ok(out)
+}
+
+/// Run an Arrow decode, turning a panic inside the Arrow reader (a reader bug
+/// on hostile input) into an error: one bad input must not take down the
+/// stream, a lock it runs under, or the node.
+fn contain<T>(what: &str, f: impl FnOnce() -> Result<T, IpcError>) -> Result<T, IpcError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(IpcError::Invalid(format!(
+                "{what}: the Arrow reader rejected it ({why})"
+            )))
+        }
+    }
 }
 
 /// The schema a topic reports when it has none yet.
@@ -288,6 +364,58 @@ mod tests {
             Err(IpcError::Invalid(m)) if m.contains("more than one") || m.contains("follow")
         ));
         assert!(decode_body(&ts, Bytes::from(vec![0xFFu8; 64])).is_err());
+    }
+
+    #[test]
+    fn bodies_cut_short_by_one_to_four_bytes_are_refused() {
+        let b = sample();
+        let ts = canonical_schema(1, &encode_schema(&b.schema()).unwrap()).unwrap();
+        let body = body_of(&b);
+        for cut in 1..=4 {
+            assert!(
+                decode_body(&ts, Bytes::from(body[..body.len() - cut].to_vec())).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn declared_lengths_beyond_the_input_are_refused_before_decoding() {
+        let ts = canonical_schema(1, &encode_schema(&sample().schema()).unwrap()).unwrap();
+        // 16 bytes that declare 16 bytes of metadata: the decoder would
+        // reserve memory for a message that is not there.
+        let e = decode_body(
+            &ts,
+            Bytes::from_static(b"\xff\xff\xff\xff\x10\x00\x00\x00abcdefgh"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, IpcError::Invalid(m) if m.contains("declares 16 bytes")),
+            "{e:?}"
+        );
+        let e =
+            decode_body(&ts, Bytes::from_static(b"\xff\xff\xff\xff\xff\xff\xff\x7f")).unwrap_err();
+        assert!(
+            matches!(&e, IpcError::Invalid(m) if m.contains("declares")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn schema_bytes_with_a_hostile_batch_are_refused_not_panicking() {
+        // A record batch whose first buffer offset points 2^40 bytes away:
+        // the Arrow reader would slice out of bounds. (Found by fuzzing.)
+        let b = sample();
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &b.schema()).unwrap();
+        w.write(&b).unwrap();
+        let mut bytes = w.into_inner().unwrap();
+        let s = encode_schema(&b.schema()).unwrap().len();
+        let pat = [0i64.to_le_bytes(), 24i64.to_le_bytes()].concat();
+        let i = s + bytes[s..].windows(16).position(|w| w == pat).unwrap();
+        bytes[i..i + 8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+        assert!(canonical_schema(1, &bytes).is_err());
+        let ts = canonical_schema(1, &bytes[..s]).unwrap();
+        assert!(decode_body(&ts, Bytes::from(bytes[s..bytes.len() - 8].to_vec())).is_err());
     }
 
     #[test]

@@ -263,10 +263,7 @@ impl Topics {
             Some(bytes) => Some(Arc::new(ipc::canonical_schema(1, bytes)?)),
             None => None,
         };
-        let _guard = self
-            .admin
-            .lock()
-            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self.admin();
         {
             let map = self
                 .map
@@ -315,10 +312,7 @@ impl Topics {
 
     /// Delete a topic: it disappears at once; its files are removed after.
     pub fn delete(&self, name: &str) -> Result<(), BrokerError> {
-        let _guard = self
-            .admin
-            .lock()
-            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self.admin();
         let topic = self.get(name)?;
         let trash = self.dir.join(format!(".deleted-{}-{}", name, now_ms()));
         std::fs::rename(&topic.dir, &trash)
@@ -346,10 +340,7 @@ impl Topics {
         if let Some(s) = topic.schema() {
             return Ok(s);
         }
-        let _guard = self
-            .admin
-            .lock()
-            .map_err(|_| BrokerError::internal("admin lock poisoned"))?;
+        let _guard = self.admin();
         if let Some(s) = topic.schema() {
             return Ok(s);
         }
@@ -366,6 +357,15 @@ impl Topics {
             .write()
             .map_err(|_| BrokerError::internal("schema lock poisoned"))? = Some(schema.clone());
         Ok(schema)
+    }
+
+    /// The admin lock guards no data (only the order of file operations),
+    /// so a panic while it was held leaves nothing inconsistent: poisoning
+    /// is ignored rather than turned into a permanent failure.
+    fn admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.admin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn close_all(&self) {

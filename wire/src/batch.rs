@@ -236,9 +236,10 @@ impl BatchHeader {
         }
     }
 
-    /// The offset after this batch.
+    /// The offset after this batch. Saturates: a header claiming offsets near
+    /// u64::MAX is corrupt, and must not overflow whoever reads it.
     pub fn next_offset(&self) -> u64 {
-        self.base_offset + self.offset_count()
+        self.base_offset.saturating_add(self.offset_count())
     }
 
     pub fn is_transactional(&self) -> bool {

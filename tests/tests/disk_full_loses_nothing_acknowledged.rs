@@ -1,0 +1,124 @@
+//! The broker's disk fills up: publishes fail with `StorageFull`, nothing
+//! acknowledged is lost, the broker keeps serving reads, and publishing works
+//! again as soon as space returns. Uses a real, small tmpfs (needs root, as
+//! CI and the dev machines have).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrowbus::{ErrorCode, NewTopic, StartAt, SubscribeOptions};
+use arrowbus_tests::{seqs, ticks, Busd};
+use futures::StreamExt;
+
+/// Size of the test file system: room for the certificates, topic metadata
+/// and a few dozen batches.
+const FS_MIB: u64 = 24;
+/// Filler that takes most of it, freed later to "return space".
+const FILLER_MIB: u64 = 12;
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={FS_MIB}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_full_fails_publishes_cleanly_and_recovers() {
+    let outer = tempfile::Builder::new()
+        .prefix("arrowbus-diskfull-")
+        .tempdir()
+        .unwrap();
+    let mount_dir = outer.path().join("fs");
+    let fs = Tmpfs::mount(&mount_dir);
+    // The node's directory lives inside the tmpfs.
+    let node_dir = tempfile::Builder::new()
+        .prefix("node-")
+        .tempdir_in(&mount_dir)
+        .unwrap();
+    let filler = mount_dir.join("filler");
+    std::fs::write(&filler, vec![0u8; (FILLER_MIB << 20) as usize]).unwrap();
+
+    let busd = Busd::start_in(node_dir, &[]);
+    let client = busd.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("t"))
+        .await
+        .unwrap();
+    let producer = client.producer();
+
+    // ~128 KiB per batch: publish until the disk is full.
+    let mut acked = Vec::new();
+    let mut next = 0i64;
+    let full = loop {
+        match producer.publish("t", &ticks(next, 3000)).await {
+            Ok(ack) => acked.push((ack, next)),
+            Err(e) => break e,
+        }
+        next += 3000;
+        assert!(next < 3000 * 10_000, "the disk never filled up");
+    };
+    assert_eq!(full.code(), Some(ErrorCode::StorageFull), "{full}");
+    assert!(full.to_string().contains("disk is full"), "{full}");
+    assert!(acked.len() > 5, "only {} batches fit", acked.len());
+
+    // Still full: still refused, and reads still work.
+    let again = producer.publish("t", &ticks(next, 3000)).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::StorageFull));
+    let read_back = read_all(&client).await;
+    let expected: Vec<i64> = acked.iter().flat_map(|(_, s)| *s..*s + 3000).collect();
+    assert_eq!(
+        read_back, expected,
+        "acknowledged data changed while the disk was full"
+    );
+
+    // Space returns: publishing resumes where it left off.
+    std::fs::remove_file(&filler).unwrap();
+    let ack = producer
+        .publish("t", &ticks(1_000_000, 3000))
+        .await
+        .unwrap();
+    let last = acked.last().unwrap().0;
+    assert_eq!(ack.base_offset, last.base_offset + u64::from(last.rows));
+    let mut expected = expected;
+    expected.extend(1_000_000..1_003_000);
+    assert_eq!(read_all(&client).await, expected);
+    drop(busd);
+    drop(fs);
+}
+
+async fn read_all(client: &arrowbus::Client) -> Vec<i64> {
+    let mut sub = client
+        .subscribe(
+            "t",
+            SubscribeOptions::default()
+                .from(StartAt::Earliest)
+                .until_end(),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(d) = sub.next().await {
+        out.extend(seqs(&d.unwrap().batch));
+    }
+    out
+}
