@@ -274,6 +274,7 @@ fn walk_messages(bytes: &[u8]) -> Result<Vec<MessageSpan>, IpcError> {
                     bytes.len() - at
                 ))
             })?;
+        check_buffers(&message, body_len)?;
         at += body_len;
         out.push(MessageSpan {
             kind: message.header_type(),
@@ -281,6 +282,34 @@ fn walk_messages(bytes: &[u8]) -> Result<Vec<MessageSpan>, IpcError> {
         });
     }
     Ok(out)
+}
+
+/// Every buffer a batch or dictionary message declares must lie inside its
+/// body. (The Arrow reader slices at these offsets unchecked; out-of-range
+/// ones made it panic under fuzzing.)
+fn check_buffers(message: &arrow_ipc::Message<'_>, body_len: usize) -> Result<(), IpcError> {
+    let batch = match message.header_type() {
+        MessageHeader::RecordBatch => message.header_as_record_batch(),
+        MessageHeader::DictionaryBatch => message.header_as_dictionary_batch().and_then(|d| d.data()),
+        _ => None,
+    };
+    let Some(buffers) = batch.and_then(|b| b.buffers()) else {
+        return Ok(());
+    };
+    for (i, b) in buffers.iter().enumerate() {
+        let end = u64::try_from(b.offset())
+            .ok()
+            .zip(u64::try_from(b.length()).ok())
+            .and_then(|(o, l)| o.checked_add(l));
+        if end.is_none_or(|e| e > body_len as u64) {
+            return Err(IpcError::Invalid(format!(
+                "buffer {i} at offset {} with length {} lies outside the {body_len}-byte message body",
+                b.offset(),
+                b.length()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Run an Arrow decode, turning a panic inside the Arrow reader (a reader bug
