@@ -290,7 +290,9 @@ fn walk_messages(bytes: &[u8]) -> Result<Vec<MessageSpan>, IpcError> {
 fn check_buffers(message: &arrow_ipc::Message<'_>, body_len: usize) -> Result<(), IpcError> {
     let batch = match message.header_type() {
         MessageHeader::RecordBatch => message.header_as_record_batch(),
-        MessageHeader::DictionaryBatch => message.header_as_dictionary_batch().and_then(|d| d.data()),
+        MessageHeader::DictionaryBatch => {
+            message.header_as_dictionary_batch().and_then(|d| d.data())
+        }
         _ => None,
     };
     let Some(buffers) = batch.and_then(|b| b.buffers()) else {

@@ -122,3 +122,67 @@ async fn read_all(client: &arrowbus::Client) -> Vec<i64> {
     }
     out
 }
+
+fn remount(dir: &Path, mode: &str) {
+    let ok = Command::new("mount")
+        .args(["-o", &format!("remount,{mode}")])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "remount {mode} of {} failed", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unwritable_data_dir_fails_publishes_clearly_and_loses_nothing() {
+    let outer = tempfile::Builder::new()
+        .prefix("arrowbus-rofs-")
+        .tempdir()
+        .unwrap();
+    let mount_dir = outer.path().join("fs");
+    let fs = Tmpfs::mount(&mount_dir);
+    let node_dir = tempfile::Builder::new()
+        .prefix("node-")
+        .tempdir_in(&mount_dir)
+        .unwrap();
+    let mut busd = Busd::start_in(node_dir, &[]);
+    let client = busd.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("t"))
+        .await
+        .unwrap();
+    let producer = client.producer();
+    for i in 0..4 {
+        producer.publish("t", &ticks(i * 3000, 3000)).await.unwrap();
+    }
+    let expected: Vec<i64> = (0..12_000).collect();
+
+    // The disk turns read-only under the running broker.
+    remount(&mount_dir, "ro");
+    let e = producer
+        .publish("t", &ticks(50_000, 3000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("Restart") || text.contains("Read-only") || text.contains("read-only"),
+        "not actionable: {text}"
+    );
+    // Reads keep working and show exactly what was acknowledged.
+    assert_eq!(read_all(&client).await, expected);
+
+    // Writable again; a restart (as the error says) resumes publishing.
+    remount(&mount_dir, "rw");
+    busd.restart();
+    let client = busd.client().await;
+    let ack = client
+        .producer()
+        .publish("t", &ticks(12_000, 3000))
+        .await
+        .unwrap();
+    assert_eq!(ack.base_offset, 12_000);
+    assert_eq!(read_all(&client).await, (0..15_000).collect::<Vec<_>>());
+    drop(busd);
+    drop(fs);
+}
