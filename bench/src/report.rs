@@ -171,7 +171,7 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\nbusbench and busd share this machine's CPUs; MB = 10^6 bytes; batch bytes are the Arrow IPC body (the broker adds a 64-byte header).\n"
+            "\nbusbench and busd share this machine's CPUs; MB = 10^6 bytes; batch bytes are the Arrow IPC body (each stored batch adds an 80-byte header).\n"
         );
 
         let targets = self.targets();

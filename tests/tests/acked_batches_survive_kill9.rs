@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 const ROUNDS: usize = 5;
 /// Rows per batch: batches of different sizes cross segment and fsync-group
 /// boundaries at different points.
-const ROWS_MAX: usize = 2000;
+const ROWS_MAX: usize = 400;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn acked_batches_survive_repeated_kill9() {
@@ -65,9 +65,13 @@ async fn acked_batches_survive_repeated_kill9() {
                 killed = true;
             }
         }
+        // After the kill an ack can still arrive if it was already on the
+        // wire. Anything else is indeterminate: without an answer the client
+        // learns of the dead broker only at the QUIC idle timeout (30 s), so
+        // stop waiting after a moment.
+        let late = tokio::time::Instant::now() + Duration::from_secs(2);
         for (s, r, p) in pending {
-            // After the kill an ack can still arrive if it was already sent.
-            if let Ok(ack) = p.await {
+            if let Ok(Ok(ack)) = tokio::time::timeout_at(late, p).await {
                 acked.insert((ack.partition, ack.base_offset), (s, r));
             }
         }

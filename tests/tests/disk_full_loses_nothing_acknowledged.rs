@@ -133,7 +133,7 @@ fn remount(dir: &Path, mode: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unwritable_data_dir_fails_publishes_clearly_and_loses_nothing() {
+async fn unwritable_data_dir_stops_the_node_clearly_and_loses_nothing() {
     let outer = tempfile::Builder::new()
         .prefix("arrowbus-rofs-")
         .tempdir()
@@ -145,44 +145,58 @@ async fn unwritable_data_dir_fails_publishes_clearly_and_loses_nothing() {
         .tempdir_in(&mount_dir)
         .unwrap();
     let mut busd = Busd::start_in(node_dir, &[]);
-    let client = busd.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new("t"))
-        .await
-        .unwrap();
-    let producer = client.producer();
-    for i in 0..4 {
-        producer.publish("t", &ticks(i * 3000, 3000)).await.unwrap();
+    {
+        let client = busd.client().await;
+        client
+            .admin()
+            .create_topic(NewTopic::new("t"))
+            .await
+            .unwrap();
+        let producer = client.producer();
+        for i in 0..4 {
+            producer.publish("t", &ticks(i * 3000, 3000)).await.unwrap();
+        }
     }
-    let expected: Vec<i64> = (0..12_000).collect();
-
-    // The disk turns read-only under the running broker.
+    // The kernel refuses a read-only remount while files are open for
+    // writing, so the disk turns read-only while the node is down.
+    busd.kill9();
     remount(&mount_dir, "ro");
-    let e = producer
-        .publish("t", &ticks(50_000, 3000))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}");
-    let text = e.to_string();
-    assert!(
-        text.contains("Restart") || text.contains("Read-only") || text.contains("read-only"),
-        "not actionable: {text}"
+    let out = Command::new(arrowbus_tests::busd_path())
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(busd.data_dir())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", arrowbus_tests::free_port()))
+        .arg("--profile")
+        .arg(outer.path().join("profile.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "expected the storage exit code; stderr:\n{stderr}"
     );
-    // Reads keep working and show exactly what was acknowledged.
-    assert_eq!(read_all(&client).await, expected);
+    assert!(
+        stderr.contains("Read-only file system"),
+        "the reason is not named:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&busd.data_dir().display().to_string()),
+        "the path is not named:\n{stderr}"
+    );
 
-    // Writable again; a restart (as the error says) resumes publishing.
+    // Writable again: the node starts and everything acknowledged is there.
     remount(&mount_dir, "rw");
     busd.restart();
     let client = busd.client().await;
+    assert_eq!(read_all(&client).await, (0..12_000).collect::<Vec<_>>());
     let ack = client
         .producer()
         .publish("t", &ticks(12_000, 3000))
         .await
         .unwrap();
     assert_eq!(ack.base_offset, 12_000);
-    assert_eq!(read_all(&client).await, (0..15_000).collect::<Vec<_>>());
     drop(busd);
     drop(fs);
 }
