@@ -358,44 +358,33 @@ impl Broker {
             loop {
                 let (p, body) = match next.take() {
                     Some(x) => x,
-                    None => match read_frame::<ClientMessage>(&mut recv).await {
-                        Ok(Some(Frame {
-                            msg: ClientMessage::Publish(p),
-                            body,
-                        })) => (p, body),
-                        Ok(Some(_)) => {
-                            let e = BrokerError::new(
-                                ErrorCode::UnexpectedMessage,
-                                "only Publish frames may follow a Publish on a producer stream",
-                            );
-                            let _ = tx
-                                .send((
-                                    Publish {
-                                        request_id: 0,
-                                        topic: String::new(),
-                                        partition: 0,
-                                    },
-                                    Err(e),
-                                ))
-                                .await;
-                            break;
+                    None => {
+                        match read_frame::<ClientMessage>(&mut recv).await {
+                            Ok(Some(Frame {
+                                msg: ClientMessage::Publish(p),
+                                body,
+                            })) => (p, body),
+                            Ok(None) => break,
+                            other => {
+                                // The stream itself is broken: answer with a
+                                // stream-level error (request id 0) and stop.
+                                let e = match other {
+                                Err(e) => BrokerError::new(ErrorCode::for_read_error(&e), e.to_string()),
+                                Ok(_) => BrokerError::new(
+                                    ErrorCode::UnexpectedMessage,
+                                    "only Publish frames may follow a Publish on a producer stream",
+                                ),
+                            };
+                                let stream_level = Publish {
+                                    request_id: 0,
+                                    topic: String::new(),
+                                    partition: 0,
+                                };
+                                let _ = tx.send((stream_level, Err(e))).await;
+                                break;
+                            }
                         }
-                        Ok(None) => break,
-                        Err(e) => {
-                            let e = BrokerError::new(ErrorCode::for_read_error(&e), e.to_string());
-                            let _ = tx
-                                .send((
-                                    Publish {
-                                        request_id: 0,
-                                        topic: String::new(),
-                                        partition: 0,
-                                    },
-                                    Err(e),
-                                ))
-                                .await;
-                            break;
-                        }
-                    },
+                    }
                 };
                 let res = broker
                     .clone()

@@ -334,3 +334,33 @@ pub fn seqs(batch: &arrow_array::RecordBatch) -> Vec<i64> {
         .unwrap_or_else(|| panic!("seq is not Int64"));
     (0..a.len()).map(|i| a.value(i)).collect()
 }
+
+/// Every delivery of `topic` from `opts`' start to the end of each partition
+/// as it is now.
+pub async fn read_all(
+    client: &arrowbus::Client,
+    topic: &str,
+    opts: arrowbus::SubscribeOptions,
+) -> Vec<arrowbus::Delivery> {
+    use futures::StreamExt;
+    let mut sub = client
+        .subscribe(topic, opts.until_end())
+        .await
+        .unwrap_or_else(|e| panic!("subscribing to {topic}: {e}"));
+    let mut out = Vec::new();
+    while let Some(d) = sub.next().await {
+        out.push(d.unwrap_or_else(|e| panic!("reading {topic}: {e}")));
+    }
+    out
+}
+
+/// The `seq` values of every row of a tick topic, from the earliest offset
+/// to the current end, partition after partition as delivered.
+pub async fn read_seqs(client: &arrowbus::Client, topic: &str) -> Vec<i64> {
+    let opts = arrowbus::SubscribeOptions::default().from(arrowbus::StartAt::Earliest);
+    read_all(client, topic, opts)
+        .await
+        .iter()
+        .flat_map(|d| seqs(&d.batch))
+        .collect()
+}

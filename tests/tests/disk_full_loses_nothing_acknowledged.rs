@@ -6,9 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use arrowbus::{ErrorCode, NewTopic, StartAt, SubscribeOptions};
-use arrowbus_tests::{seqs, ticks, Busd};
-use futures::StreamExt;
+use arrowbus::{ErrorCode, NewTopic};
+use arrowbus_tests::{read_seqs, ticks, Busd};
 
 /// Size of the test file system: room for the certificates, topic metadata
 /// and a few dozen batches.
@@ -84,7 +83,7 @@ async fn disk_full_fails_publishes_cleanly_and_recovers() {
     // Still full: still refused, and reads still work.
     let again = producer.publish("t", &ticks(next, 3000)).await.unwrap_err();
     assert_eq!(again.code(), Some(ErrorCode::StorageFull));
-    let read_back = read_all(&client).await;
+    let read_back = read_seqs(&client, "t").await;
     let expected: Vec<i64> = acked.iter().flat_map(|(_, s)| *s..*s + 3000).collect();
     assert_eq!(
         read_back, expected,
@@ -101,26 +100,9 @@ async fn disk_full_fails_publishes_cleanly_and_recovers() {
     assert_eq!(ack.base_offset, last.base_offset + u64::from(last.rows));
     let mut expected = expected;
     expected.extend(1_000_000..1_003_000);
-    assert_eq!(read_all(&client).await, expected);
+    assert_eq!(read_seqs(&client, "t").await, expected);
     drop(busd);
     drop(fs);
-}
-
-async fn read_all(client: &arrowbus::Client) -> Vec<i64> {
-    let mut sub = client
-        .subscribe(
-            "t",
-            SubscribeOptions::default()
-                .from(StartAt::Earliest)
-                .until_end(),
-        )
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(d) = sub.next().await {
-        out.extend(seqs(&d.unwrap().batch));
-    }
-    out
 }
 
 fn remount(dir: &Path, mode: &str) {
@@ -190,7 +172,10 @@ async fn unwritable_data_dir_stops_the_node_clearly_and_loses_nothing() {
     remount(&mount_dir, "rw");
     busd.restart();
     let client = busd.client().await;
-    assert_eq!(read_all(&client).await, (0..12_000).collect::<Vec<_>>());
+    assert_eq!(
+        read_seqs(&client, "t").await,
+        (0..12_000).collect::<Vec<_>>()
+    );
     let ack = client
         .producer()
         .publish("t", &ticks(12_000, 3000))

@@ -7,21 +7,8 @@ use std::sync::Arc;
 use arrow_array::{Array, Int64Array, LargeStringArray, RecordBatch, StringViewArray};
 use arrow_schema::{DataType, Field, Schema};
 use arrowbus::{ErrorCode, NewTopic, StartAt, SubscribeOptions};
-use arrowbus_tests::{seqs, ticks, Busd};
+use arrowbus_tests::{read_all, seqs, ticks, Busd};
 use futures::StreamExt;
-
-async fn read_all(
-    client: &arrowbus::Client,
-    topic: &str,
-    opts: SubscribeOptions,
-) -> Vec<arrowbus::Delivery> {
-    let mut sub = client.subscribe(topic, opts.until_end()).await.unwrap();
-    let mut out = Vec::new();
-    while let Some(d) = sub.next().await {
-        out.push(d.unwrap());
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn published_batches_are_delivered_at_their_acked_offsets() {
