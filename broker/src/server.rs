@@ -319,6 +319,7 @@ impl Broker {
         );
         let broker = self.clone();
         let acker = async move {
+            let mut client_gone = false;
             while let Some((p, res)) = rx.recv().await {
                 let reply = match res {
                     Ok(ticket) => {
@@ -345,12 +346,16 @@ impl Broker {
                     }
                     Err(e) => ServerMessage::Error(e.reply(p.request_id)),
                 };
-                if write_frame(&mut send, &reply, Bytes::new()).await.is_err() {
-                    // The client is gone; what was enqueued is still stored.
-                    return;
+                // Once the client is gone, keep awaiting the enqueued
+                // publishes (they are still stored) so the in-flight count a
+                // graceful shutdown waits for stays exact; just stop writing.
+                if !client_gone && write_frame(&mut send, &reply, Bytes::new()).await.is_err() {
+                    client_gone = true;
                 }
             }
-            let _ = send.finish();
+            if !client_gone {
+                let _ = send.finish();
+            }
         };
         let broker = self.clone();
         let reader = async move {
@@ -597,11 +602,13 @@ impl Broker {
                 continue;
             }
             for b in batches {
-                credit.batches -= 1;
-                credit.bytes = credit.bytes.saturating_sub(b.record.len() as u64);
+                // Control and Raft entries are never delivered, so they cost
+                // no credit: the subscriber only returns credit for what it got.
                 if !b.header.kind.is_delivered() {
                     continue;
                 }
+                credit.batches -= 1;
+                credit.bytes = credit.bytes.saturating_sub(b.record.len() as u64);
                 let skip_rows = skip_before
                     .saturating_sub(b.header.base_offset)
                     .min(u64::from(b.header.row_count)) as u32;
