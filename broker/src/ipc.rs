@@ -8,8 +8,6 @@
 //! arrow-rs encodes it. Clients encode batch bodies with the same dictionary
 //! id assignment, so a body decodes against the stored schema alone.
 
-use std::sync::Arc;
-
 use arrow_array::RecordBatch;
 use arrow_buffer::Buffer;
 use arrow_ipc::reader::StreamDecoder;
@@ -333,16 +331,12 @@ fn contain<T>(what: &str, f: impl FnOnce() -> Result<T, IpcError>) -> Result<T, 
     }
 }
 
-/// The schema a topic reports when it has none yet.
-pub fn empty_schema() -> SchemaRef {
-    Arc::new(Schema::empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow_array::{Float64Array, Int64Array, StringArray};
     use arrow_schema::{DataType, Field};
+    use std::sync::Arc;
 
     fn sample() -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![

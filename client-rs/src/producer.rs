@@ -160,16 +160,7 @@ impl Producer {
                 "batch of {rows} rows encodes to {record_len} bytes, over the limit of {MAX_BATCH_BYTES}; split it (Producer::send_split does)"
             )));
         }
-        let header = BatchHeader::for_body(&body, rows, schema.id)
-            .map_err(|e| Error::BatchTooLarge(e.to_string()))?;
-        let pipeline = self.pipeline(topic, partition).await?;
-        pipeline
-            .send(
-                topic,
-                partition,
-                Bytes::copy_from_slice(&header.encode()),
-                body,
-            )
+        self.send_body(topic, partition, schema.id, rows, body)
             .await
     }
 
@@ -204,6 +195,19 @@ impl Producer {
     /// exercise the broker's validation of untrusted bodies.
     #[doc(hidden)]
     pub async fn send_raw(
+        &self,
+        topic: &str,
+        partition: u32,
+        schema_id: u32,
+        rows: u32,
+        body: Bytes,
+    ) -> Result<PendingAck> {
+        self.send_body(topic, partition, schema_id, rows, body)
+            .await
+    }
+
+    /// Put an encoded body in flight behind its batch header.
+    async fn send_body(
         &self,
         topic: &str,
         partition: u32,

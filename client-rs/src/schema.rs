@@ -9,8 +9,6 @@
 //! families for the same data. Anything else that differs is a
 //! `SchemaMismatch` naming every differing field.
 
-use std::sync::Arc;
-
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_ipc::reader::StreamDecoder;
 use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions, StreamWriter};
@@ -288,11 +286,6 @@ pub fn equivalent(a: &DataType, b: &DataType) -> bool {
     }
 }
 
-/// Schema a topic gets from its first batch: the batch's own.
-pub fn schema_of(batch: &RecordBatch) -> SchemaRef {
-    Arc::clone(&batch.schema())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +293,7 @@ mod tests {
     use arrow_array::{
         DictionaryArray, Float64Array, Int64Array, LargeStringArray, StringArray, StringViewArray,
     };
+    use std::sync::Arc;
 
     fn topic() -> SchemaRef {
         Arc::new(Schema::new(vec![

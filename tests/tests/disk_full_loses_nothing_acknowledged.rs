@@ -40,19 +40,25 @@ impl Drop for Tmpfs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn disk_full_fails_publishes_cleanly_and_recovers() {
+/// A small tmpfs in a temporary directory, and a node directory inside it.
+/// Drop order matters to callers: the node, then the tmpfs, then `outer`.
+fn node_on_tmpfs() -> (tempfile::TempDir, PathBuf, Tmpfs, tempfile::TempDir) {
     let outer = tempfile::Builder::new()
-        .prefix("arrowbus-diskfull-")
+        .prefix("arrowbus-tmpfs-")
         .tempdir()
         .unwrap();
     let mount_dir = outer.path().join("fs");
     let fs = Tmpfs::mount(&mount_dir);
-    // The node's directory lives inside the tmpfs.
     let node_dir = tempfile::Builder::new()
         .prefix("node-")
         .tempdir_in(&mount_dir)
         .unwrap();
+    (outer, mount_dir, fs, node_dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_full_fails_publishes_cleanly_and_recovers() {
+    let (_outer, mount_dir, fs, node_dir) = node_on_tmpfs();
     let filler = mount_dir.join("filler");
     std::fs::write(&filler, vec![0u8; (FILLER_MIB << 20) as usize]).unwrap();
 
@@ -116,16 +122,7 @@ fn remount(dir: &Path, mode: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unwritable_data_dir_stops_the_node_clearly_and_loses_nothing() {
-    let outer = tempfile::Builder::new()
-        .prefix("arrowbus-rofs-")
-        .tempdir()
-        .unwrap();
-    let mount_dir = outer.path().join("fs");
-    let fs = Tmpfs::mount(&mount_dir);
-    let node_dir = tempfile::Builder::new()
-        .prefix("node-")
-        .tempdir_in(&mount_dir)
-        .unwrap();
+    let (outer, mount_dir, fs, node_dir) = node_on_tmpfs();
     let mut busd = Busd::start_in(node_dir, &[]);
     {
         let client = busd.client().await;
