@@ -30,6 +30,39 @@ pub struct BrokerConfig {
     pub log: LogSettings,
     #[serde(default)]
     pub quic: QuicSettings,
+    #[serde(default)]
+    pub cluster: ClusterSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// The initial controller voters as "<id>@<host:port>", this node
+    /// included. Empty: a cluster of this node alone. Read only on first
+    /// start (an empty controller log); later membership lives in the log.
+    pub peers: Vec<String>,
+    /// TLS server name the nodes' certificates carry (nodes verify each
+    /// other with `tls.ca`).
+    pub server_name: String,
+    /// Raft heartbeat interval, in ms.
+    pub heartbeat_ms: u64,
+    /// Raft election timeout range, in ms: a follower that hears nothing
+    /// from its leader for this long starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        let t = arrowbus_raft::group::RaftTiming::default();
+        Self {
+            peers: Vec::new(),
+            server_name: "localhost".into(),
+            heartbeat_ms: t.heartbeat_ms,
+            election_timeout_min_ms: t.election_min_ms,
+            election_timeout_max_ms: t.election_max_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -39,6 +72,9 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key of this node.
     pub key: Option<PathBuf>,
+    /// PEM CA certificate that signed the nodes' certificates: nodes verify
+    /// each other with it (and it is what clients should be given).
+    pub ca: Option<PathBuf>,
     /// Generate a private CA and certificate in `data_dir/tls` when `cert`
     /// and `key` are not given. For development: clients must be given the
     /// generated `ca.pem`.
@@ -138,14 +174,14 @@ impl Default for QuicSettings {
 pub struct ConfigError {
     pub field: &'static str,
     pub value: String,
-    pub why: &'static str,
+    pub why: String,
 }
 
-fn bad(field: &'static str, value: impl ToString, why: &'static str) -> ConfigError {
+fn bad(field: &'static str, value: impl ToString, why: impl Into<String>) -> ConfigError {
     ConfigError {
         field,
         value: value.to_string(),
-        why,
+        why: why.into(),
     }
 }
 
@@ -219,6 +255,39 @@ impl BrokerConfig {
                 "give both a certificate and a key, or neither",
             ));
         }
+        let c = &self.cluster;
+        if c.heartbeat_ms == 0 || c.election_timeout_min_ms <= 2 * c.heartbeat_ms {
+            return Err(bad(
+                "cluster.election_timeout_min_ms",
+                c.election_timeout_min_ms,
+                "must exceed two heartbeat intervals (cluster.heartbeat_ms)",
+            ));
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(bad(
+                "cluster.election_timeout_max_ms",
+                c.election_timeout_max_ms,
+                "must exceed cluster.election_timeout_min_ms",
+            ));
+        }
+        let peers = self
+            .peers()
+            .map_err(|why| bad("cluster.peers", format!("{:?}", c.peers), why))?;
+        if !peers.is_empty() && !peers.contains_key(&self.node_id) {
+            return Err(bad(
+                "cluster.peers",
+                format!("{:?}", c.peers),
+                "must list this node (node_id) too",
+            ));
+        }
+        if self.tls.cert.is_some() && !peers.is_empty() && peers.len() > 1 && self.tls.ca.is_none()
+        {
+            return Err(bad(
+                "tls.ca",
+                "unset",
+                "a multi-node cluster with its own certificates needs the CA that signed them",
+            ));
+        }
         if self.tls.cert.is_none() && !self.tls.self_signed {
             return Err(bad(
                 "tls",
@@ -239,10 +308,49 @@ impl BrokerConfig {
             tls: TlsConfig {
                 cert: None,
                 key: None,
+                ca: None,
                 self_signed: true,
             },
             log: LogSettings::default(),
             quic: QuicSettings::default(),
+            cluster: ClusterSettings::default(),
+        }
+    }
+
+    /// Initial controller voters by id (this node alone when none are given).
+    pub fn peers(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for p in &self.cluster.peers {
+            let (id, addr) = p
+                .split_once('@')
+                .ok_or_else(|| format!("{p:?} is not \"<id>@<host:port>\""))?;
+            let id: u64 = id
+                .parse()
+                .ok()
+                .filter(|i| *i > 0)
+                .ok_or_else(|| format!("{p:?}: the id must be a positive integer"))?;
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("{p:?}: the address must be host:port"));
+            }
+            if out.insert(id, addr.to_owned()).is_some() {
+                return Err(format!("node id {id} is listed twice"));
+            }
+        }
+        if out.is_empty() {
+            out.insert(self.node_id, self.advertised());
+        }
+        Ok(out)
+    }
+
+    pub fn raft_timing(&self) -> arrowbus_raft::group::RaftTiming {
+        arrowbus_raft::group::RaftTiming {
+            heartbeat_ms: self.cluster.heartbeat_ms,
+            election_min_ms: self.cluster.election_timeout_min_ms,
+            election_max_ms: self.cluster.election_timeout_max_ms,
         }
     }
 

@@ -12,6 +12,8 @@ use crate::ipc::IpcError;
 pub struct BrokerError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `NotLeader`: the node that leads, when known.
+    pub leader_hint: Option<u64>,
 }
 
 impl BrokerError {
@@ -19,6 +21,7 @@ impl BrokerError {
         Self {
             code,
             message: message.into(),
+            leader_hint: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl BrokerError {
     pub fn reply(&self, request_id: u64) -> ErrorReply {
         let mut r = ErrorReply::new(self.code, self.message.clone());
         r.request_id = request_id;
+        r.leader_hint = self.leader_hint;
         r
     }
 }

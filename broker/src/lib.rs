@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod controller;
 pub mod error;
 pub mod framing;
 pub mod ipc;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrowbus_raft::log::{AppendTicket, Cursor, LogPosition, StoredBatch};
+use arrowbus_raft::log::{Cursor, StoredBatch};
 use arrowbus_wire::limits::{
     MAX_BATCH_BYTES, MAX_CONNECTIONS, MAX_CREDIT_BATCHES_PER_SUBSCRIPTION,
     MAX_CREDIT_BYTES_PER_SUBSCRIPTION, MAX_INFLIGHT_BATCHES_PER_PRODUCER,
@@ -16,8 +16,8 @@ use arrowbus_wire::limits::{
 };
 use arrowbus_wire::{
     Ack, BatchDelivery, BatchHeader, BatchKind, ClientMessage, ClusterMetadata, CreateTopic,
-    Credit, ErrorCode, ErrorReply, Frame, NodeInfo, Publish, ServerMessage, StartAt, Subscribe,
-    Subscribed, BATCH_HEADER_BYTES,
+    Credit, ErrorCode, ErrorReply, Frame, Publish, ServerMessage, StartAt, Subscribe, Subscribed,
+    BATCH_HEADER_BYTES,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -28,7 +28,7 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::framing::{read_frame, write_frame, ReadError};
 use crate::ipc;
-use crate::topics::{NewTopic, Topics};
+use crate::topics::{write_error, NewTopic, Proposal, Topics};
 
 /// Bodies at least this large are decoded on the blocking pool: validating a
 /// large batch takes long enough to stall other connections' tasks.
@@ -89,8 +89,11 @@ impl Broker {
                 _ = shutdown.changed() => break,
             }
         }
-        info!("shutting down: refusing new publishes, draining in-flight ones");
+        info!("shutting down: handing over leadership, refusing new publishes, draining in-flight ones");
         self.shutting_down.store(true, Ordering::SeqCst);
+        // While the peers are still connected: move leadership away so
+        // clients fail over at once instead of after an election timeout.
+        self.topics.transfer_leadership().await;
         endpoint.set_server_config(None);
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_MAX;
         while self.inflight_publishes.load(Ordering::SeqCst) > 0
@@ -102,8 +105,7 @@ impl Broker {
         conns.shutdown().await;
         retention.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        let topics = self.topics.clone();
-        let _ = tokio::task::spawn_blocking(move || topics.close_all()).await;
+        self.topics.close_all().await;
         info!("shutdown complete");
     }
 
@@ -119,8 +121,8 @@ impl Broker {
                 let now = crate::topics::now_ms();
                 let mut deleted = 0;
                 for t in topics.list() {
-                    for p in &t.partitions {
-                        match p.log.enforce_retention(now, t.meta.retention_ms, t.meta.retention_bytes) {
+                    for p in (0..t.partitions()).filter_map(|p| t.partition(p).ok()) {
+                        match p.log().enforce_retention(now, t.meta.retention_ms, t.meta.retention_bytes) {
                             Ok(n) => deleted += n,
                             Err(e) => warn!(topic = %t.meta.name, partition = p.id, error = %e, "retention failed"),
                         }
@@ -146,6 +148,11 @@ impl Broker {
                 return;
             }
         };
+        if arrowbus_raft::network::is_peer_connection(&conn) {
+            debug!(%remote, "peer node connected");
+            arrowbus_raft::network::serve_peer_connection(conn, self.topics.registry()).await;
+            return;
+        }
         self.connections.fetch_add(1, Ordering::Relaxed);
         let _guard = CountGuard(&self.connections);
         let span = info_span!("conn", %remote);
@@ -248,9 +255,9 @@ impl Broker {
                     self.config.log.default_retention_ms,
                     self.config.log.default_retention_bytes,
                 );
-                let topics = self.topics.clone();
-                let topic = blocking(move || {
-                    topics.create(
+                let topic = self
+                    .topics
+                    .create(
                         NewTopic {
                             name,
                             partitions,
@@ -261,15 +268,12 @@ impl Broker {
                         },
                         defaults,
                     )
-                })
-                .await?;
-                info!(topic = %topic.meta.name, partitions = topic.meta.partitions, "topic created");
+                    .await?;
+                info!(topic = %topic.meta.name, partitions = topic.partitions(), replication_factor = topic.meta.replication_factor, "topic created");
                 Ok(ServerMessage::Topic(topic.info()))
             }
             ClientMessage::DeleteTopic { topic } => {
-                let topics = self.topics.clone();
-                let name = topic.clone();
-                blocking(move || topics.delete(&name)).await?;
+                self.topics.delete(&topic).await?;
                 info!(%topic, "topic deleted");
                 Ok(ServerMessage::TopicDeleted { topic })
             }
@@ -280,14 +284,16 @@ impl Broker {
                 Ok(ServerMessage::Topic(self.topics.get(&topic)?.info()))
             }
             ClientMessage::Metadata => Ok(ServerMessage::Metadata(ClusterMetadata {
-                nodes: vec![NodeInfo {
-                    id: self.config.node_id,
-                    addr: self.config.advertised(),
-                }],
+                nodes: self.topics.nodes(),
             })),
+            ClientMessage::ClusterStatus => Ok(ServerMessage::Cluster(
+                self.topics.status(self.config.advertised()),
+            )),
             ClientMessage::SetSchemaIfAbsent { topic, schema_ipc } => {
-                let topics = self.topics.clone();
-                let s = blocking(move || topics.set_schema_if_absent(&topic, &schema_ipc)).await?;
+                let s = self
+                    .topics
+                    .set_schema_if_absent(&topic, &schema_ipc)
+                    .await?;
                 Ok(ServerMessage::Schema {
                     schema_id: s.id,
                     schema_ipc: s.ipc.to_vec(),
@@ -314,7 +320,7 @@ impl Broker {
         first: Publish,
         first_body: Vec<u8>,
     ) {
-        let (tx, mut rx) = mpsc::channel::<(Publish, Result<AppendTicket, BrokerError>)>(
+        let (tx, mut rx) = mpsc::channel::<(Publish, Result<Proposal, BrokerError>)>(
             MAX_INFLIGHT_BATCHES_PER_PRODUCER,
         );
         let broker = self.clone();
@@ -322,26 +328,25 @@ impl Broker {
             let mut client_gone = false;
             while let Some((p, res)) = rx.recv().await {
                 let reply = match res {
-                    Ok(ticket) => {
-                        let r = ticket.await;
+                    Ok(proposal) => {
+                        let r = proposal.await;
                         broker.inflight_publishes.fetch_sub(1, Ordering::SeqCst);
+                        let what = format!("partition {}/{}", p.topic, p.partition);
                         match r {
-                            Ok(appended) => match appended.first() {
-                                Some(a) => ServerMessage::Ack(Ack {
-                                    request_id: p.request_id,
-                                    partition: p.partition,
-                                    base_offset: a.base_offset,
-                                    rows: a.row_count,
-                                    timestamp_ms: a.timestamp_ms,
-                                }),
-                                None => ServerMessage::Error(
-                                    BrokerError::internal("log acknowledged no entry")
-                                        .reply(p.request_id),
-                                ),
-                            },
-                            Err(e) => {
-                                ServerMessage::Error(BrokerError::from(e).reply(p.request_id))
-                            }
+                            Ok(Ok(resp)) => ServerMessage::Ack(Ack {
+                                request_id: p.request_id,
+                                partition: p.partition,
+                                base_offset: resp.data.base_offset,
+                                rows: resp.data.rows,
+                                timestamp_ms: resp.data.timestamp_ms,
+                            }),
+                            Ok(Err(e)) => ServerMessage::Error(write_error(e, &what).reply(p.request_id)),
+                            // The group stopped before answering (shutdown or
+                            // topic deleted): the batch may or may not commit.
+                            Err(_) => ServerMessage::Error(
+                                BrokerError::new(ErrorCode::ShuttingDown, format!("{what} stopped before the batch committed; it may or may not be stored"))
+                                    .reply(p.request_id),
+                            ),
                         }
                     }
                     Err(e) => ServerMessage::Error(e.reply(p.request_id)),
@@ -413,7 +418,7 @@ impl Broker {
         self: Arc<Self>,
         p: &Publish,
         record: Bytes,
-    ) -> Result<AppendTicket, BrokerError> {
+    ) -> Result<Proposal, BrokerError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(BrokerError::new(
                 ErrorCode::ShuttingDown,
@@ -431,6 +436,8 @@ impl Broker {
         }
         let topic = self.topics.get(&p.topic)?;
         let partition = topic.partition(p.partition)?.clone();
+        // Before the expensive checks: a follower redirects at once.
+        partition.ensure_leader()?;
         let header = BatchHeader::decode(&record)
             .map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
         let body = record.slice(BATCH_HEADER_BYTES..);
@@ -475,7 +482,7 @@ impl Broker {
                 ),
             ));
         }
-        partition.enqueue(header, body)
+        partition.propose(header, body).await
     }
 
     /// A subscription: push stored batches while credit lasts, wait for
@@ -491,16 +498,22 @@ impl Broker {
             check_credit(Credit::default(), s.credit)?;
             let topic = self.topics.get(&s.topic)?;
             let partition = topic.partition(s.partition)?.clone();
-            let log = partition.log.clone();
-            let flushed = log.flushed();
+            // Subscriptions are served by the leader: it knows the commit
+            // point first, and clients find it the same way as for publish.
+            partition.ensure_leader()?;
+            let log = partition.log().clone();
+            let flushed = partition.visible();
             let hw = *flushed.borrow();
+            // The leader may apply (commit) entries before its own copy is
+            // flushed; the log can only seek within what is flushed.
+            let latest = hw.next_offset.min(log.flushed().borrow().next_offset);
             let (cursor, start_offset) = match s.start {
                 StartAt::Earliest => {
                     let c = log.seek_offset(log.start_offset())?;
                     let o = c.next_offset();
                     (c, o)
                 }
-                StartAt::Latest => (log.seek_offset(hw.next_offset)?, hw.next_offset),
+                StartAt::Latest => (log.seek_offset(latest)?, latest),
                 StartAt::Offset(o) => (log.seek_offset(o)?, o),
                 StartAt::Timestamp(t) => {
                     let c = log.seek_timestamp(t)?;
@@ -564,6 +577,7 @@ impl Broker {
 
         let mut credit = s.credit;
         let mut skip_before = start_offset;
+        let mut disk = log.flushed();
         loop {
             if credit.batches == 0 || credit.bytes == 0 {
                 match credit_rx.recv().await {
@@ -576,10 +590,10 @@ impl Broker {
                 }
                 continue;
             }
-            let visible: LogPosition = *flushed.borrow_and_update();
+            let visible = *flushed.borrow_and_update();
             let log2 = log.clone();
             let c = credit;
-            let read = blocking(move || read_some(&log2, cursor, visible.last_index, c)).await;
+            let read = blocking(move || read_some(&log2, cursor, visible.index, c)).await;
             let batches;
             (cursor, batches) = match read {
                 Ok(x) => x,
@@ -587,6 +601,9 @@ impl Broker {
             };
             if batches.is_empty() {
                 tokio::select! {
+                    // Committed entries this replica has not flushed yet
+                    // become readable when its own write completes.
+                    _ = disk.changed() => {},
                     changed = flushed.changed() => if changed.is_err() {
                         return fail(&mut send, BrokerError::new(ErrorCode::TopicNotFound, format!("topic '{}' was deleted or the broker is shutting down", s.topic))).await;
                     },

@@ -28,6 +28,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration rejected: {0}")]
     Config(#[from] rustls::Error),
+    #[error("TLS verifier: {0}")]
+    Verifier(String),
 }
 
 /// Paths of a node's TLS files.
@@ -137,18 +139,70 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// rustls server config for QUIC: TLS 1.3 only (QUIC requires it), ALPN set,
-/// the one crypto provider of the workspace (ring).
-pub fn server_crypto(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// rustls server config for QUIC: TLS 1.3 only (QUIC requires it), both
+/// ALPNs (clients and peer nodes), the one crypto provider of the workspace
+/// (ring). With `peer_ca`, connecting nodes may present a certificate signed
+/// by it; the peer protocol is served only to those that did (clients
+/// present none and are not asked to).
+pub fn server_crypto(
+    files: &TlsFiles,
+    peer_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![arrowbus_wire::frame::ALPN.to_vec()];
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut cfg = match peer_ca {
+        Some(ca) => {
+            let roots = Arc::new(root_store(ca)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth().with_single_cert(certs, key)?,
+    };
+    cfg.alpn_protocols = vec![
+        arrowbus_wire::frame::ALPN.to_vec(),
+        arrowbus_wire::peer::PEER_ALPN.to_vec(),
+    ];
     // 0-RTT data can be replayed; a replayed publish would duplicate rows.
     cfg.max_early_data_size = 0;
     Ok(Arc::new(cfg))
+}
+
+/// The QUIC client config a node uses to reach its peers: it verifies them
+/// against `ca` and authenticates itself with its own certificate.
+pub fn peer_client_config(files: &TlsFiles, ca: &Path) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    crypto.alpn_protocols = vec![arrowbus_wire::peer::PEER_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    // A dead peer is noticed by RPC timeouts first; this only frees the
+    // connection state.
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Verifier(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(roots)
 }

@@ -1,144 +1,214 @@
-//! Topics and their partitions on this node. Owns topic metadata on disk
-//! (`data_dir/topics/<name>/topic.toml` and `schema.arrows`) and the
-//! partition logs below it (`p-<n>/`). Metadata changes are atomic: written
-//! to a temporary file or directory, fsynced, renamed, and the parent
-//! directory fsynced, so a crash leaves either the old or the new state.
+//! Topics and their partitions, as this node sees them in a cluster.
 //!
-//! With replication (a later issue) topic metadata moves to the controller
-//! group; partitions stay as they are.
+//! Topic metadata lives in the controller group ([`crate::controller`]);
+//! every node applies the same controller log and reconciles what it hosts
+//! from it: for each partition it is a replica of, it runs that partition's
+//! Raft group over a partition log in `data_dir/topics/<name>-<topic id>/p-<n>/`,
+//! and it stops and removes the groups of deleted topics. A single node is a
+//! cluster of one: the same controller, one-replica partition groups.
+//!
+//! Writes to metadata (create, delete, set schema) are proposed to the
+//! controller leader; a node that is not the leader answers `NotLeader` with
+//! the leader's id.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
-use arrowbus_raft::log::{AppendTicket, Entry, LogConfig, LogError, PartitionLog};
-use arrowbus_wire::limits::{MAX_PARTITIONS_PER_TOPIC, MAX_TOPICS, MAX_TOPIC_NAME_BYTES};
-use arrowbus_wire::{BatchHeader, ErrorCode, LogId, PartitionInfo, TopicInfo};
+use arrowbus_raft::group::{Group, GroupEnv, PartitionApplier};
+use arrowbus_raft::log::{LogConfig, LogError, PartitionLog};
+use arrowbus_raft::sm::AppliedPosition;
+use arrowbus_raft::types::{Applied, Command, NodeId, TypeConfig};
+use arrowbus_raft::{BasicNode, ServerState};
+use arrowbus_wire::limits::MAX_TOPIC_NAME_BYTES;
+use arrowbus_wire::peer::{partition_group, CONTROLLER_GROUP};
+use arrowbus_wire::{BatchHeader, ErrorCode, NodeInfo, PartitionInfo, TopicInfo};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{oneshot, watch};
 
+use crate::controller::{
+    decode_reply, ControllerApplier, ControllerCommand, ControllerReply, TopicRecord,
+};
 use crate::error::BrokerError;
 use crate::ipc::{self, TopicSchema};
 
-/// A single node leads all its partitions in term 1; Raft assigns real terms
-/// once partitions are replicated.
-const SINGLE_NODE_TERM: u64 = 1;
+/// Topics with a schema use schema id 1 (schemas never change in place).
+const SCHEMA_ID: u32 = 1;
+/// How long an admin request waits for the new state to be applied here.
+const ADMIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TopicMeta {
-    pub name: String,
-    pub partitions: u32,
-    pub replication_factor: u16,
-    pub retention_ms: Option<u64>,
-    pub retention_bytes: Option<u64>,
-    pub created_ms: i64,
-    /// 0 until the topic has a schema.
-    pub schema_id: u32,
-}
-
-pub struct Topic {
-    pub meta: TopicMeta,
-    dir: PathBuf,
-    schema: RwLock<Option<Arc<TopicSchema>>>,
-    pub partitions: Vec<Arc<Partition>>,
-}
-
+/// A replicated partition hosted on this node.
 pub struct Partition {
     pub topic: String,
     pub id: u32,
-    pub log: Arc<PartitionLog>,
-    node_id: u64,
-    /// Last assigned append time: timestamps never go backwards within a
-    /// partition, so seeking by time can binary-search the log. Held only
-    /// while an append is enqueued (no I/O under it).
+    pub replicas: Vec<NodeId>,
+    group: Group<PartitionApplier>,
+    node_id: NodeId,
+    /// Last assigned append time (leader side): timestamps never go backwards
+    /// within a leader's term, so seeking by time can binary-search the log.
     last_ts: Mutex<i64>,
 }
 
+/// Completes when a proposed batch is committed and applied.
+pub type Proposal = oneshot::Receiver<openraft_result::WriteResult>;
+
+/// Re-exported result type of a proposal, kept behind one name.
+pub mod openraft_result {
+    pub type WriteResult = Result<
+        openraft::raft::ClientWriteResponse<arrowbus_raft::types::TypeConfig>,
+        openraft::errors::ClientWriteError<arrowbus_raft::types::TypeConfig>,
+    >;
+}
+
 impl Partition {
-    fn open(
-        topic: &str,
-        id: u32,
-        dir: &Path,
-        node_id: u64,
-        cfg: LogConfig,
-    ) -> Result<Self, BrokerError> {
-        let (log, report) = PartitionLog::open(dir, cfg)?;
-        if report.truncated_bytes > 0 {
-            tracing::warn!(
-                topic,
-                partition = id,
-                bytes = report.truncated_bytes,
-                "removed torn tail of partition log"
-            );
-        }
-        let last = log.last_enqueued();
-        let last_ts = match last.last_log_id {
-            Some(id) => log
-                .entry(id.index)?
-                .map(|b| b.header.timestamp_ms)
-                .unwrap_or(0),
-            None => 0,
-        };
-        Ok(Self {
-            topic: topic.to_owned(),
-            id,
-            log,
-            node_id,
-            last_ts: Mutex::new(last_ts),
-        })
+    pub fn log(&self) -> &Arc<PartitionLog> {
+        self.group.store.log()
     }
 
-    /// Assign log id and append time and enqueue the batch; the ticket
-    /// completes once the batch is durable.
-    pub fn enqueue(
+    /// The applied (committed) position: readers never see past it.
+    pub fn visible(&self) -> watch::Receiver<AppliedPosition> {
+        self.group.sm.position()
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.group.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// `NotLeader` unless this replica leads its group.
+    pub fn ensure_leader(&self) -> Result<(), BrokerError> {
+        let m = self.group.raft.metrics().borrow_watched().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        Err(not_leader(
+            m.current_leader.filter(|l| *l != self.node_id),
+            format!("partition {}/{}", self.topic, self.id),
+        ))
+    }
+
+    /// Propose a validated batch. Submission order is the log order, so a
+    /// pipeline calls this in arrival order and awaits the results later.
+    pub async fn propose(
         &self,
         mut header: BatchHeader,
         body: Bytes,
-    ) -> Result<AppendTicket, BrokerError> {
-        let mut last_ts = self
-            .last_ts
-            .lock()
-            .map_err(|_| BrokerError::internal("partition sequencer lock poisoned"))?;
-        let pos = self.log.last_enqueued();
-        header.log_id = LogId {
-            term: SINGLE_NODE_TERM,
-            leader: self.node_id,
-            index: pos.last_index + 1,
-        };
-        let ts = now_ms().max(*last_ts);
-        header.timestamp_ms = ts;
-        let ticket = self.log.append(vec![Entry { header, body }])?;
-        *last_ts = ts;
-        Ok(ticket)
+    ) -> Result<Proposal, BrokerError> {
+        self.ensure_leader()?;
+        {
+            let mut last = self.last_ts.lock().unwrap_or_else(|p| p.into_inner());
+            let ts = now_ms().max(*last);
+            header.timestamp_ms = ts;
+            *last = ts;
+        }
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        self.group
+            .raft
+            .write(Command { header, body })
+            .responder(responder)
+            .await
+            .map_err(|e| {
+                BrokerError::new(ErrorCode::ShuttingDown, format!("partition stopped: {e}"))
+            })?;
+        Ok(rx)
     }
 
     pub fn info(&self) -> PartitionInfo {
-        let s = self.log.stats();
+        let s = self.log().stats();
+        let m = self.group.raft.metrics().borrow_watched().clone();
+        let pos = *self.group.sm.position().borrow();
+        let in_sync = match (&m.replication, m.state) {
+            // A follower is in sync when it holds everything committed.
+            (Some(rep), ServerState::Leader) => {
+                let committed = m.cluster_committed.map_or(0, |c| c.index);
+                rep.iter()
+                    .filter(|(_, matched)| matched.map_or(0, |l| l.index) >= committed)
+                    .map(|(id, _)| *id)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         PartitionInfo {
             partition: self.id,
-            leader: self.node_id,
-            replicas: vec![self.node_id],
+            leader: m.current_leader.unwrap_or(0),
+            replicas: self.replicas.clone(),
+            in_sync,
             earliest_offset: s.start_offset,
-            latest_offset: s.next_offset,
+            latest_offset: pos.next_offset,
             bytes: s.bytes,
             batches: s.batches,
         }
     }
 }
 
+/// Map a failed proposal to the error a client sees.
+pub fn write_error(
+    e: openraft::errors::ClientWriteError<arrowbus_raft::types::TypeConfig>,
+    what: &str,
+) -> BrokerError {
+    use openraft::errors::ClientWriteError as E;
+    match e {
+        E::ForwardToLeader(f) => not_leader(f.leader_id, what.to_owned()),
+        E::LogEntryDiscarded(f) => {
+            let mut err = not_leader(f.leader_id, what.to_owned());
+            err.message = format!(
+                "{}; the batch may or may not have been stored (leader changed before it committed)",
+                err.message
+            );
+            err
+        }
+        other => BrokerError::new(ErrorCode::Internal, format!("{what}: {other}")),
+    }
+}
+
+pub fn not_leader(hint: Option<NodeId>, what: String) -> BrokerError {
+    let mut e = BrokerError::new(
+        ErrorCode::NotLeader,
+        match hint {
+            Some(l) => format!("this node does not lead {what}; node {l} does: retry there"),
+            None => format!("{what} has no leader right now (election in progress); retry shortly"),
+        },
+    );
+    e.leader_hint = hint;
+    e
+}
+
+/// A topic as this node knows it: controller metadata plus local replicas.
+pub struct Topic {
+    pub meta: TopicRecord,
+    schema: Option<Arc<TopicSchema>>,
+    /// One slot per partition; `Some` where this node hosts a replica.
+    local: Vec<Option<Arc<Partition>>>,
+}
+
 impl Topic {
     pub fn schema(&self) -> Option<Arc<TopicSchema>> {
-        self.schema.read().ok().and_then(|s| s.clone())
+        self.schema.clone()
     }
 
+    pub fn partitions(&self) -> u32 {
+        self.meta.assignments.len() as u32
+    }
+
+    /// This node's replica of partition `p` (`NotLeader` pointing at a
+    /// replica if it hosts none).
     pub fn partition(&self, p: u32) -> Result<&Arc<Partition>, BrokerError> {
-        self.partitions.get(p as usize).ok_or_else(|| {
-            BrokerError::new(
+        let Some(slot) = self.local.get(p as usize) else {
+            return Err(BrokerError::new(
                 ErrorCode::PartitionNotFound,
                 format!(
                     "topic '{}' has partitions 0..{}; partition {p} does not exist",
-                    self.meta.name, self.meta.partitions
+                    self.meta.name,
+                    self.partitions()
                 ),
+            ));
+        };
+        slot.as_ref().ok_or_else(|| {
+            let hint = self.meta.assignments[p as usize].first().copied();
+            not_leader(
+                hint,
+                format!("partition {}/{p} (no replica on this node)", self.meta.name),
             )
         })
     }
@@ -153,13 +223,24 @@ impl Topic {
             schema_id: schema.as_ref().map_or(0, |s| s.id),
             schema_ipc: schema.map(|s| s.ipc.to_vec()).unwrap_or_default(),
             created_ms: self.meta.created_ms,
-            partitions: self.partitions.iter().map(|p| p.info()).collect(),
-        }
-    }
-
-    fn close(&self) {
-        for p in &self.partitions {
-            p.log.close();
+            partitions: self
+                .local
+                .iter()
+                .enumerate()
+                .map(|(p, local)| match local {
+                    Some(part) => part.info(),
+                    None => PartitionInfo {
+                        partition: p as u32,
+                        leader: 0,
+                        replicas: self.meta.assignments[p].clone(),
+                        in_sync: Vec::new(),
+                        earliest_offset: 0,
+                        latest_offset: 0,
+                        bytes: 0,
+                        batches: 0,
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -173,50 +254,310 @@ pub struct NewTopic {
     pub schema_ipc: Option<Vec<u8>>,
 }
 
-/// All topics of this node.
+/// All topics, and the groups this node runs.
 pub struct Topics {
+    node_id: NodeId,
     dir: PathBuf,
-    node_id: u64,
     log_cfg: LogConfig,
+    env: GroupEnv,
+    controller: Group<ControllerApplier>,
     map: RwLock<BTreeMap<String, Arc<Topic>>>,
-    /// Serializes metadata changes (create, delete, set schema): they do file
-    /// I/O and must not interleave.
-    admin: Mutex<()>,
+    /// Local partition replicas by group id (kept across metadata changes
+    /// such as a schema being set).
+    groups: Mutex<HashMap<u64, Arc<Partition>>>,
+    /// Serializes reconciliation runs.
+    reconcile_lock: tokio::sync::Mutex<()>,
 }
 
 impl Topics {
-    /// Open every topic under `data_dir/topics` (blocking: recovers logs).
-    pub fn open(data_dir: &Path, node_id: u64, log_cfg: LogConfig) -> Result<Self, BrokerError> {
+    /// Start the controller group (initializing it on first boot, from the
+    /// lowest-id initial peer) and the partitions this node hosts.
+    pub async fn open(
+        data_dir: &Path,
+        env: GroupEnv,
+        log_cfg: LogConfig,
+        initial_peers: &BTreeMap<NodeId, String>,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let node_id = env.node_id;
         let dir = data_dir.join("topics");
         std::fs::create_dir_all(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
-        let mut map = BTreeMap::new();
-        let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| BrokerError::io("listing", &dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name.starts_with('.') {
-                // Leftovers of an interrupted create or delete: never visible.
-                let _ = std::fs::remove_dir_all(&path);
-                continue;
-            }
-            let topic = load_topic(&path, node_id, &log_cfg)?;
-            map.insert(topic.meta.name.clone(), Arc::new(topic));
+        let cdir = data_dir.join("controller");
+        std::fs::create_dir_all(&cdir).map_err(|e| BrokerError::io("creating", &cdir, e))?;
+        let applier_dir = cdir.clone();
+        let controller = env
+            .open(CONTROLLER_GROUP, &cdir, log_cfg.clone(), move |_| {
+                ControllerApplier::open(&applier_dir)
+            })
+            .await
+            .map_err(storage_err)?;
+        let pristine = controller.store.vote().is_none()
+            && controller.store.log().last_enqueued().last_index == 0;
+        if pristine && initial_peers.keys().next() == Some(&node_id) {
+            let members: BTreeMap<NodeId, BasicNode> = initial_peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            tracing::info!(?members, "initializing the controller group");
+            controller
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|e| BrokerError::internal(format!("initialize controller: {e}")))?;
         }
-        sync_dir(&dir)?;
-        Ok(Self {
-            dir,
+        let topics = Arc::new(Self {
             node_id,
+            dir,
             log_cfg,
-            map: RwLock::new(map),
-            admin: Mutex::new(()),
+            env,
+            controller,
+            map: RwLock::new(BTreeMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+        });
+        topics.reconcile().await?;
+        let t = topics.clone();
+        tokio::spawn(async move { t.reconcile_loop().await });
+        Ok(topics)
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut pos = self.controller.sm.position();
+        while pos.changed().await.is_ok() {
+            if let Err(e) = self.reconcile().await {
+                tracing::error!(error = %e, "reconciling partitions with the controller failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Make the local groups match the controller's metadata.
+    async fn reconcile(&self) -> Result<(), BrokerError> {
+        let _guard = self.reconcile_lock.lock().await;
+        let records = self.controller.sm.with_applier(|a| a.topics());
+        let mut wanted = HashMap::new();
+        let mut new_map = BTreeMap::new();
+        for rec in records {
+            let schema = if rec.schema_ipc.is_empty() {
+                None
+            } else {
+                Some(Arc::new(
+                    ipc::canonical_schema(SCHEMA_ID, &rec.schema_ipc).map_err(|e| {
+                        BrokerError::internal(format!(
+                            "controller holds a bad schema for '{}': {e}",
+                            rec.name
+                        ))
+                    })?,
+                ))
+            };
+            let mut local = Vec::with_capacity(rec.assignments.len());
+            for (p, replicas) in rec.assignments.iter().enumerate() {
+                if !replicas.contains(&self.node_id) {
+                    local.push(None);
+                    continue;
+                }
+                let gid = partition_group(rec.id, p as u32);
+                wanted.insert(gid, ());
+                let existing = self.lock_groups().get(&gid).cloned();
+                let part = match existing {
+                    Some(part) => part,
+                    None => {
+                        let part = Arc::new(self.open_partition(&rec, p as u32, replicas).await?);
+                        self.lock_groups().insert(gid, part.clone());
+                        part
+                    }
+                };
+                local.push(Some(part));
+            }
+            new_map.insert(
+                rec.name.clone(),
+                Arc::new(Topic {
+                    meta: rec,
+                    schema,
+                    local,
+                }),
+            );
+        }
+        let removed: Vec<(u64, Arc<Partition>)> = {
+            let mut groups = self.lock_groups();
+            let gone: Vec<u64> = groups
+                .keys()
+                .filter(|g| !wanted.contains_key(g))
+                .copied()
+                .collect();
+            gone.into_iter()
+                .filter_map(|g| groups.remove(&g).map(|p| (g, p)))
+                .collect()
+        };
+        let old_dirs: Vec<PathBuf> = {
+            let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter(|t| !new_map.contains_key(&t.meta.name))
+                .map(|t| self.topic_dir(&t.meta))
+                .collect()
+        };
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = new_map;
+        for (_, p) in removed {
+            p.group.shutdown(&self.env.registry).await;
+        }
+        for d in old_dirs {
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                tracing::warn!(path = %d.display(), error = %e, "could not remove a deleted topic's files");
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Partition>>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn topic_dir(&self, t: &TopicRecord) -> PathBuf {
+        self.dir.join(format!("{}-{}", t.name, t.id))
+    }
+
+    async fn open_partition(
+        &self,
+        t: &TopicRecord,
+        p: u32,
+        replicas: &[NodeId],
+    ) -> Result<Partition, BrokerError> {
+        let gid = partition_group(t.id, p);
+        let pdir = self.topic_dir(t).join(format!("p-{p}"));
+        std::fs::create_dir_all(&pdir).map_err(|e| BrokerError::io("creating", &pdir, e))?;
+        let adir = pdir.clone();
+        let group = self
+            .env
+            .open(gid, &pdir, self.log_cfg.clone(), move |log| {
+                Ok(PartitionApplier::new(log, &adir))
+            })
+            .await
+            .map_err(storage_err)?;
+        let last = group.store.log().last_enqueued();
+        let last_ts = match last.last_log_id {
+            Some(id) => group
+                .store
+                .log()
+                .entry(id.index)?
+                .map_or(0, |b| b.header.timestamp_ms),
+            None => 0,
+        };
+        let pristine = group.store.vote().is_none() && last.last_index == 0;
+        // The preferred leader (first replica) creates the group; the others
+        // join when its first messages arrive.
+        if pristine && replicas.first() == Some(&self.node_id) {
+            let nodes = self.node_addrs();
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .map(|id| {
+                    (
+                        *id,
+                        BasicNode {
+                            addr: nodes.get(id).cloned().unwrap_or_default(),
+                        },
+                    )
+                })
+                .collect();
+            group.raft.initialize(members).await.map_err(|e| {
+                BrokerError::internal(format!("initialize partition {}/{p}: {e}", t.name))
+            })?;
+            // Campaign now instead of after an election timeout: the topic
+            // is usable as soon as its creation returns.
+            let _ = group.raft.trigger().elect(false).await;
+        }
+        tracing::info!(topic = %t.name, partition = p, ?replicas, "partition replica started");
+        Ok(Partition {
+            topic: t.name.clone(),
+            id: p,
+            replicas: replicas.to_vec(),
+            group,
+            node_id: self.node_id,
+            last_ts: Mutex::new(last_ts),
         })
+    }
+
+    /// Node ids and addresses, from the controller's membership.
+    pub fn node_addrs(&self) -> BTreeMap<NodeId, String> {
+        let m = self
+            .controller
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.node_addrs()
+            .into_iter()
+            .map(|(id, addr)| NodeInfo { id, addr })
+            .collect()
+    }
+
+    pub fn registry(&self) -> Arc<arrowbus_raft::network::GroupRegistry> {
+        self.env.registry.clone()
+    }
+
+    /// This node's view of its groups, for `busctl cluster`.
+    pub fn status(&self, addr: String) -> arrowbus_wire::NodeStatus {
+        fn group_status<A: arrowbus_raft::sm::Applier>(
+            g: &Group<A>,
+            topic: &str,
+            partition: u32,
+        ) -> arrowbus_wire::GroupStatus {
+            let m = g.raft.metrics().borrow_watched().clone();
+            let role = match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            };
+            arrowbus_wire::GroupStatus {
+                group: g.id,
+                topic: topic.to_owned(),
+                partition,
+                role: role.to_owned(),
+                leader: m.current_leader.unwrap_or(0),
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                committed: m.cluster_committed.map_or(0, |c| c.index),
+                applied: m.last_applied.map_or(0, |c| c.index),
+                followers: m
+                    .replication
+                    .as_ref()
+                    .map(|r| {
+                        r.iter()
+                            .filter(|(id, _)| **id != m.id)
+                            .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        }
+        let mut partitions: Vec<arrowbus_wire::GroupStatus> = self
+            .local_partitions()
+            .iter()
+            .map(|p| group_status(&p.group, &p.topic, p.id))
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        arrowbus_wire::NodeStatus {
+            id: self.node_id,
+            addr,
+            nodes: self.nodes(),
+            controller: group_status(&self.controller, "", 0),
+            partitions,
+        }
+    }
+
+    pub fn controller(&self) -> &Group<ControllerApplier> {
+        &self.controller
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
         self.map
             .read()
-            .map_err(|_| BrokerError::internal("topic map lock poisoned"))?
+            .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
             .ok_or_else(|| {
@@ -234,104 +575,108 @@ impl Topics {
             .unwrap_or_default()
     }
 
-    /// Create a topic (blocking: creates files and partition logs).
-    pub fn create(
+    /// Every local partition replica.
+    pub fn local_partitions(&self) -> Vec<Arc<Partition>> {
+        self.lock_groups().values().cloned().collect()
+    }
+
+    /// Propose a controller command at the controller leader and wait until
+    /// this node has applied it.
+    async fn propose(&self, cmd: ControllerCommand) -> Result<ControllerReply, BrokerError> {
+        let m = self.controller.raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return Err(not_leader(
+                m.current_leader.filter(|l| *l != self.node_id),
+                "the cluster metadata (controller)".into(),
+            ));
+        }
+        let command = cmd
+            .encode()
+            .map_err(|e| BrokerError::internal(e.to_string()))?;
+        let resp = tokio::time::timeout(ADMIN_APPLY_TIMEOUT, self.controller.raft.client_write(command))
+            .await
+            .map_err(|_| BrokerError::new(ErrorCode::Timeout, "the controller did not commit the change in time (is a majority of controller nodes up?)"))?
+            .map_err(|e| match e {
+                openraft::errors::RaftError::APIError(e) => write_error(e, "the cluster metadata (controller)"),
+                other => BrokerError::internal(other.to_string()),
+            })?;
+        let applied: &Applied = &resp.data;
+        let reply = decode_reply(applied).map_err(|e| BrokerError::internal(e.to_string()))?;
+        // Our own groups follow the change before we answer.
+        self.reconcile().await?;
+        Ok(reply)
+    }
+
+    pub async fn create(
         &self,
         req: NewTopic,
         default_retention: (Option<u64>, Option<u64>),
     ) -> Result<Arc<Topic>, BrokerError> {
         validate_topic_name(&req.name)?;
-        if req.partitions == 0 || req.partitions > MAX_PARTITIONS_PER_TOPIC {
-            return Err(BrokerError::new(
-                ErrorCode::TooManyPartitions,
-                format!(
-                    "partitions = {}: a topic has 1 to {MAX_PARTITIONS_PER_TOPIC} partitions",
-                    req.partitions
-                ),
-            ));
-        }
-        if req.replication_factor != 1 {
-            return Err(BrokerError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "replication factor {} is not available: this node runs without replication (factor 1)",
-                    req.replication_factor
-                ),
-            ));
-        }
-        let schema = match &req.schema_ipc {
-            Some(bytes) => Some(Arc::new(ipc::canonical_schema(1, bytes)?)),
-            None => None,
+        let schema_ipc = match &req.schema_ipc {
+            Some(bytes) => ipc::canonical_schema(SCHEMA_ID, bytes)?.ipc.to_vec(),
+            None => Vec::new(),
         };
-        let _guard = self.admin();
-        {
-            let map = self
-                .map
-                .read()
-                .map_err(|_| BrokerError::internal("topic map lock poisoned"))?;
-            if map.contains_key(&req.name) {
-                return Err(BrokerError::new(
-                    ErrorCode::TopicAlreadyExists,
-                    format!("topic '{}' already exists", req.name),
-                ));
-            }
-            if map.len() >= MAX_TOPICS {
-                return Err(BrokerError::new(
-                    ErrorCode::TooManyTopics,
-                    format!("this cluster already has the maximum of {MAX_TOPICS} topics; delete unused ones"),
-                ));
-            }
-        }
-        let meta = TopicMeta {
+        let nodes: Vec<NodeId> = {
+            let m = self
+                .controller
+                .raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .clone();
+            m.voter_ids().collect()
+        };
+        let cmd = ControllerCommand::CreateTopic {
             name: req.name.clone(),
             partitions: req.partitions,
             replication_factor: req.replication_factor,
             retention_ms: req.retention_ms.or(default_retention.0),
             retention_bytes: req.retention_bytes.or(default_retention.1),
             created_ms: now_ms(),
-            schema_id: schema.as_ref().map_or(0, |s| s.id),
+            schema_ipc,
+            nodes,
         };
-        let tmp = self.dir.join(format!(".tmp-{}", req.name));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| BrokerError::io("creating", &tmp, e))?;
-        write_durable(&tmp.join("topic.toml"), meta_toml(&meta)?.as_bytes())?;
-        if let Some(s) = &schema {
-            write_durable(&tmp.join("schema.arrows"), &s.ipc)?;
+        match self.propose(cmd).await? {
+            ControllerReply::Topic(_) => {}
+            ControllerReply::Refused { code, message } => return Err(refused(code, message)),
+            ControllerReply::Deleted => {
+                return Err(BrokerError::internal(
+                    "controller answered create with delete",
+                ))
+            }
         }
-        sync_dir(&tmp)?;
-        let final_dir = self.dir.join(&req.name);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| BrokerError::io("renaming", &tmp, e))?;
-        sync_dir(&self.dir)?;
-        let topic = Arc::new(load_topic(&final_dir, self.node_id, &self.log_cfg)?);
-        self.map
-            .write()
-            .map_err(|_| BrokerError::internal("topic map lock poisoned"))?
-            .insert(req.name, topic.clone());
+        let topic = self.get(&req.name)?;
+        // Wait (bounded) for local partitions to elect, so that a publish
+        // right after creation finds a leader.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for p in topic.local.iter().flatten() {
+            if p.replicas.first() != Some(&self.node_id) {
+                continue;
+            }
+            let _ = tokio::time::timeout_at(
+                deadline,
+                wait_metrics(&p.group.raft, |m| m.current_leader.is_some()),
+            )
+            .await;
+        }
         Ok(topic)
     }
 
-    /// Delete a topic: it disappears at once; its files are removed after.
-    pub fn delete(&self, name: &str) -> Result<(), BrokerError> {
-        let _guard = self.admin();
-        let topic = self.get(name)?;
-        let trash = self.dir.join(format!(".deleted-{}-{}", name, now_ms()));
-        std::fs::rename(&topic.dir, &trash)
-            .map_err(|e| BrokerError::io("renaming", &topic.dir, e))?;
-        sync_dir(&self.dir)?;
-        self.map
-            .write()
-            .map_err(|_| BrokerError::internal("topic map lock poisoned"))?
-            .remove(name);
-        topic.close();
-        if let Err(e) = std::fs::remove_dir_all(&trash) {
-            // Harmless: the next start removes leftovers.
-            tracing::warn!(path = %trash.display(), error = %e, "could not remove deleted topic files");
+    pub async fn delete(&self, name: &str) -> Result<(), BrokerError> {
+        match self
+            .propose(ControllerCommand::DeleteTopic {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            ControllerReply::Refused { code, message } => Err(refused(code, message)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Fix the schema of a topic that has none; return the topic's schema.
-    pub fn set_schema_if_absent(
+    pub async fn set_schema_if_absent(
         &self,
         name: &str,
         schema_ipc: &[u8],
@@ -340,90 +685,98 @@ impl Topics {
         if let Some(s) = topic.schema() {
             return Ok(s);
         }
-        let _guard = self.admin();
-        if let Some(s) = topic.schema() {
-            return Ok(s);
+        let canonical = ipc::canonical_schema(SCHEMA_ID, schema_ipc)?;
+        let cmd = ControllerCommand::SetSchemaIfAbsent {
+            name: name.to_owned(),
+            schema_ipc: canonical.ipc.to_vec(),
+        };
+        match self.propose(cmd).await? {
+            ControllerReply::Refused { code, message } => Err(refused(code, message)),
+            _ => self
+                .get(name)?
+                .schema()
+                .ok_or_else(|| BrokerError::internal("schema was not applied")),
         }
-        let schema = Arc::new(ipc::canonical_schema(1, schema_ipc)?);
-        let mut meta = topic.meta.clone();
-        meta.schema_id = schema.id;
-        // Schema first, then the metadata that points at it: a crash in
-        // between leaves a topic without schema and an unused file.
-        write_durable(&topic.dir.join("schema.arrows"), &schema.ipc)?;
-        write_durable(&topic.dir.join("topic.toml"), meta_toml(&meta)?.as_bytes())?;
-        sync_dir(&topic.dir)?;
-        *topic
-            .schema
-            .write()
-            .map_err(|_| BrokerError::internal("schema lock poisoned"))? = Some(schema.clone());
-        Ok(schema)
     }
 
-    /// The admin lock guards no data (only the order of file operations),
-    /// so a panic while it was held leaves nothing inconsistent: poisoning
-    /// is ignored rather than turned into a permanent failure.
-    fn admin(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.admin
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Hand leadership of every group this node leads to another replica
+    /// (graceful shutdown), waiting a bounded time for it to move.
+    pub async fn transfer_leadership(&self) {
+        let mut moves: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+        for p in self.local_partitions() {
+            let m = p.group.raft.metrics().borrow_watched().clone();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            if let Some(to) = p.replicas.iter().find(|r| **r != self.node_id) {
+                let raft = p.group.raft.clone();
+                let to = *to;
+                moves.push(Box::pin(async move {
+                    let _ = raft.trigger().transfer_leader(to).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        wait_metrics(&raft, |m| m.state != ServerState::Leader),
+                    )
+                    .await;
+                }));
+            }
+        }
+        let cm = self.controller.raft.metrics().borrow_watched().clone();
+        if cm.state == ServerState::Leader {
+            if let Some(to) = cm
+                .membership_config
+                .voter_ids()
+                .find(|v| *v != self.node_id)
+            {
+                let raft = self.controller.raft.clone();
+                moves.push(Box::pin(async move {
+                    let _ = raft.trigger().transfer_leader(to).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        wait_metrics(&raft, |m| m.state != ServerState::Leader),
+                    )
+                    .await;
+                }));
+            }
+        }
+        futures::future::join_all(moves).await;
     }
 
-    pub fn close_all(&self) {
-        for t in self.list() {
-            t.close();
+    /// Stop every group and close every log.
+    pub async fn close_all(&self) {
+        let parts: Vec<Arc<Partition>> = self.lock_groups().drain().map(|(_, p)| p).collect();
+        for p in parts {
+            p.group.shutdown(&self.env.registry).await;
+        }
+        self.controller.shutdown(&self.env.registry).await;
+    }
+}
+
+/// Wait until a group's metrics satisfy `pred` (callers bound the wait).
+async fn wait_metrics<SM: openraft::storage::RaftStateMachine<TypeConfig>>(
+    raft: &openraft::Raft<TypeConfig, SM>,
+    pred: impl Fn(&openraft::RaftMetrics<TypeConfig>) -> bool,
+) {
+    let mut rx = raft.metrics();
+    loop {
+        if pred(&rx.borrow_watched()) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
 
-fn load_topic(dir: &Path, node_id: u64, cfg: &LogConfig) -> Result<Topic, BrokerError> {
-    let meta_path = dir.join("topic.toml");
-    let text = std::fs::read_to_string(&meta_path)
-        .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
-    let meta: TopicMeta = toml::from_str(&text).map_err(|e| {
-        BrokerError::new(
-            ErrorCode::StorageError,
-            format!(
-                "{} is corrupt ({e}); restore it from a backup or delete the topic directory",
-                meta_path.display()
-            ),
-        )
-    })?;
-    let schema = if meta.schema_id != 0 {
-        let p = dir.join("schema.arrows");
-        let bytes = std::fs::read(&p).map_err(|e| BrokerError::io("reading", &p, e))?;
-        Some(Arc::new(
-            ipc::canonical_schema(meta.schema_id, &bytes).map_err(|e| {
-                BrokerError::new(
-                    ErrorCode::StorageError,
-                    format!("{} is corrupt: {e}", p.display()),
-                )
-            })?,
-        ))
-    } else {
-        None
-    };
-    let mut partitions = Vec::with_capacity(meta.partitions as usize);
-    for p in 0..meta.partitions {
-        let pdir = dir.join(format!("p-{p}"));
-        partitions.push(Arc::new(Partition::open(
-            &meta.name,
-            p,
-            &pdir,
-            node_id,
-            cfg.clone(),
-        )?));
-    }
-    Ok(Topic {
-        meta,
-        dir: dir.to_owned(),
-        schema: RwLock::new(schema),
-        partitions,
-    })
+fn refused(code: u16, message: String) -> BrokerError {
+    BrokerError::new(
+        ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal),
+        message,
+    )
 }
 
-fn meta_toml(meta: &TopicMeta) -> Result<String, BrokerError> {
-    toml::to_string(meta)
-        .map_err(|e| BrokerError::internal(format!("encoding topic metadata: {e}")))
+fn storage_err(e: std::io::Error) -> BrokerError {
+    BrokerError::new(ErrorCode::StorageError, e.to_string())
 }
 
 /// Topic names become directory names: keep them to a safe alphabet.
@@ -446,25 +799,6 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
             ),
         ))
     }
-}
-
-/// Write a file and fsync it (replacing it atomically if it exists).
-fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| BrokerError::io("creating", &tmp, e))?;
-    f.write_all(bytes)
-        .map_err(|e| BrokerError::io("writing", &tmp, e))?;
-    f.sync_all()
-        .map_err(|e| BrokerError::io("syncing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| BrokerError::io("renaming", &tmp, e))?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| BrokerError::io("syncing directory", dir, e))
 }
 
 pub fn now_ms() -> i64 {

@@ -54,6 +54,9 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Read a topic (to its current end, or tail it with --follow).
     Consume(ConsumeArgs),
+    /// Show the cluster's nodes with their Raft roles, terms, commit and
+    /// applied indexes, and replication lag.
+    Cluster,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +76,9 @@ pub struct CreateArgs {
     pub name: String,
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
+    /// Copies of each partition, on distinct nodes (at most the node count).
+    #[arg(long, visible_alias = "replication-factor", default_value_t = 1)]
+    pub replicas: u16,
     /// Take the schema from an Arrow IPC (stream or file), Parquet or CSV (inferred) file.
     #[arg(long, value_name = "FILE")]
     pub schema_from: Option<PathBuf>,

@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod cli;
+mod cluster;
 mod consume;
 mod format;
 mod output;
@@ -88,6 +89,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Topics { cmd } => topics::run(&client, cmd, cli.output).await,
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
+        Command::Cluster => cluster::run(&client, cli.output).await,
     }
 }
 

@@ -79,6 +79,7 @@ fn detail_json(info: &TopicInfo) -> Result<Value> {
                 "partition": p.partition,
                 "leader": p.leader,
                 "replicas": p.replicas,
+                "in_sync": p.in_sync,
                 "earliest_offset": p.earliest_offset,
                 "latest_offset": p.latest_offset,
                 "rows": p.latest_offset.saturating_sub(p.earliest_offset),
@@ -139,7 +140,9 @@ async fn list(client: &Client, out: Output) -> Result<()> {
 }
 
 async fn create(client: &Client, args: CreateArgs, out: Output) -> Result<()> {
-    let mut t = NewTopic::new(&args.name).partitions(args.partitions);
+    let mut t = NewTopic::new(&args.name)
+        .partitions(args.partitions)
+        .replication_factor(args.replicas);
     if let Some(ms) = args.retention_ms {
         t = t.retention_ms(ms);
     }
@@ -159,9 +162,10 @@ async fn create(client: &Client, args: CreateArgs, out: Output) -> Result<()> {
     }
     let schema = topic_schema(&info)?;
     println!(
-        "created topic '{}': {} partition(s), retention {}",
+        "created topic '{}': {} partition(s) x {} replica(s), retention {}",
         info.name,
         info.partitions.len(),
+        info.replication_factor,
         retention_text(&info)
     );
     match (&schema, source) {
@@ -229,6 +233,16 @@ async fn describe(client: &Client, name: &str, out: Output) -> Result<()> {
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
+                if p.leader == 0 {
+                    "-".to_owned()
+                } else {
+                    // The leader always holds what it committed.
+                    std::iter::once(p.leader)
+                        .chain(p.in_sync.iter().copied().filter(|r| *r != p.leader))
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 p.earliest_offset.to_string(),
                 p.latest_offset.to_string(),
                 p.latest_offset
@@ -246,6 +260,7 @@ async fn describe(client: &Client, name: &str, out: Output) -> Result<()> {
                 "PARTITION",
                 "LEADER",
                 "REPLICAS",
+                "IN-SYNC",
                 "EARLIEST",
                 "LATEST",
                 "ROWS",

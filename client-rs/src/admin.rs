@@ -103,6 +103,21 @@ impl Admin {
         self.client.describe(name).await
     }
 
+    /// Node `id`'s view of its Raft groups (roles, terms, commit and
+    /// applied indexes, follower progress).
+    pub async fn node_status(&self, id: u64) -> Result<arrowbus_wire::NodeStatus> {
+        match self
+            .client
+            .conn
+            .request_to(id, &ClientMessage::ClusterStatus)
+            .await?
+        {
+            ServerMessage::Cluster(s) => Ok(s),
+            ServerMessage::Error(e) => Err(crate::Error::from_reply(&e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn metadata(&self) -> Result<ClusterMetadata> {
         match self.client.conn.request(&ClientMessage::Metadata).await? {
             ServerMessage::Metadata(m) => Ok(m),
@@ -118,6 +133,7 @@ pub(crate) fn unexpected(m: ServerMessage) -> Error {
         ServerMessage::Topics(_) => "Topics",
         ServerMessage::TopicDeleted { .. } => "TopicDeleted",
         ServerMessage::Metadata(_) => "Metadata",
+        ServerMessage::Cluster(_) => "Cluster",
         ServerMessage::Schema { .. } => "Schema",
         ServerMessage::Ack(_) => "Ack",
         ServerMessage::Subscribed(_) => "Subscribed",

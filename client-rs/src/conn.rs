@@ -1,14 +1,15 @@
 //! One QUIC connection to a broker, frame I/O on its streams, and unary
 //! requests (one request per bidirectional stream).
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrowbus_wire::codec::Message;
 use arrowbus_wire::{
-    decode_control, encode_frame, ClientMessage, Frame, FrameError, FrameHeader, ServerMessage,
-    FRAME_HEADER_BYTES,
+    decode_control, encode_frame, ClientMessage, ErrorCode, Frame, FrameError, FrameHeader,
+    ServerMessage, FRAME_HEADER_BYTES,
 };
 use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
@@ -17,101 +18,263 @@ use rustls::pki_types::CertificateDer;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 
+/// Connections to the nodes of a cluster. Unary requests go to any node and
+/// follow `NotLeader` hints; producer and subscriber streams are opened on
+/// the node that leads their partition ([`Conn::connection_to`]).
 pub(crate) struct Conn {
-    pub(crate) connection: quinn::Connection,
-    // Kept so the endpoint (and its socket) lives as long as the connection.
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
     pub(crate) config: ClientConfig,
+    /// Open connections by node address.
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Node id -> address, from the cluster's metadata.
+    nodes: Mutex<BTreeMap<u64, String>>,
+    /// The address unary requests go to first (the last that worked).
+    primary: Mutex<String>,
 }
+
+/// How long to wait for one node to answer a handshake before trying
+/// another: a dead leader must not stall failover.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// First and largest pause between retries of a request that found no leader.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 impl Conn {
     pub(crate) async fn connect(config: ClientConfig) -> Result<Self> {
         let crypto = client_crypto(&config)?;
+        let first = config
+            .brokers
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Config("no broker address given".into()))?;
+        let bind: SocketAddr = if resolve(&first).map(|a| a.is_ipv6()).unwrap_or(false) {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e| Error::Config(format!("bind address: {e}")))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect {
+            addr: first.clone(),
+            reason: format!("cannot open a UDP socket: {e}"),
+        })?;
+        let mut client_cfg = quinn::ClientConfig::new(crypto);
+        client_cfg.transport_config(Arc::new(transport_config()));
+        endpoint.set_default_client_config(client_cfg);
+        let conn = Self {
+            endpoint,
+            config,
+            conns: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(BTreeMap::new()),
+            primary: Mutex::new(first),
+        };
         let mut last_err = None;
-        for addr_text in &config.brokers {
-            let addr = match resolve(addr_text) {
-                Ok(a) => a,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
+        for addr in conn.config.brokers.clone() {
+            match conn.connect_addr(&addr, conn.config.request_timeout).await {
+                Ok(_) => {
+                    *lock(&conn.primary) = addr;
+                    return Ok(conn);
                 }
-            };
-            let bind: SocketAddr = if addr.is_ipv6() {
-                "[::]:0"
-            } else {
-                "0.0.0.0:0"
-            }
-            .parse()
-            .map_err(|e| Error::Config(format!("bind address: {e}")))?;
-            let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect {
-                addr: addr_text.clone(),
-                reason: format!("cannot open a UDP socket: {e}"),
-            })?;
-            let mut client_cfg = quinn::ClientConfig::new(crypto.clone());
-            client_cfg.transport_config(Arc::new(transport_config()));
-            endpoint.set_default_client_config(client_cfg);
-            let server_name = config
-                .server_name
-                .clone()
-                .unwrap_or_else(|| host_of(addr_text));
-            let connecting = match endpoint.connect(addr, &server_name) {
-                Ok(c) => c,
-                Err(e) => {
-                    last_err = Some(Error::Connect {
-                        addr: addr_text.clone(),
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            match tokio::time::timeout(config.request_timeout, connecting).await {
-                Ok(Ok(connection)) => {
-                    return Ok(Self {
-                        connection,
-                        _endpoint: endpoint,
-                        config,
-                    })
-                }
-                Ok(Err(e)) => {
-                    last_err = Some(Error::Connect {
-                        addr: addr_text.clone(),
-                        reason: explain_connect_error(&e),
-                    })
-                }
-                Err(_) => {
-                    last_err = Some(Error::Connect {
-                        addr: addr_text.clone(),
-                        reason: format!(
-                            "no answer within {} ms (is busd running there?)",
-                            config.request_timeout.as_millis()
-                        ),
-                    })
-                }
+                Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| Error::Config("no broker address given".into())))
     }
 
-    /// Send one request and wait for its one answer.
-    pub(crate) async fn request(&self, msg: &ClientMessage) -> Result<ServerMessage> {
-        let timeout_ms = self.config.request_timeout.as_millis() as u64;
-        let fut = async {
-            let (mut send, mut recv) = self.connection.open_bi().await.map_err(transport)?;
-            write_frame(&mut send, msg, &[]).await?;
-            let _ = send.finish();
-            match read_frame::<ServerMessage>(&mut recv).await? {
-                Some(f) => Ok(f.msg),
-                None => Err(Error::Protocol(
-                    "broker closed the stream without answering".into(),
-                )),
+    async fn connect_addr(&self, addr_text: &str, timeout: Duration) -> Result<quinn::Connection> {
+        if let Some(c) = lock(&self.conns).get(addr_text) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = resolve(addr_text)?;
+        let server_name = self
+            .config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(addr_text));
+        let connecting = self
+            .endpoint
+            .connect(addr, &server_name)
+            .map_err(|e| Error::Connect {
+                addr: addr_text.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let connection = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::Connect {
+                    addr: addr_text.to_owned(),
+                    reason: explain_connect_error(&e),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Connect {
+                    addr: addr_text.to_owned(),
+                    reason: format!(
+                        "no answer within {} ms (is busd running there?)",
+                        timeout.as_millis()
+                    ),
+                })
             }
         };
+        lock(&self.conns).insert(addr_text.to_owned(), connection.clone());
+        Ok(connection)
+    }
+
+    /// A connection to node `id` (its address from the cluster metadata).
+    pub(crate) async fn connection_to(&self, id: u64) -> Result<quinn::Connection> {
+        let known = lock(&self.nodes).get(&id).cloned();
+        let addr = match known {
+            Some(a) => a,
+            None => {
+                self.refresh_nodes().await?;
+                lock(&self.nodes).get(&id).cloned().ok_or_else(|| {
+                    Error::Protocol(format!("node {id} is not in the cluster metadata"))
+                })?
+            }
+        };
+        self.connect_addr(&addr, NODE_CONNECT_TIMEOUT.min(self.config.request_timeout))
+            .await
+    }
+
+    /// The connection unary requests use (reconnecting or moving to another
+    /// known node if it died).
+    pub(crate) async fn primary(&self) -> Result<quinn::Connection> {
+        let primary = lock(&self.primary).clone();
+        let timeout = NODE_CONNECT_TIMEOUT.min(self.config.request_timeout);
+        match self.connect_addr(&primary, timeout).await {
+            Ok(c) => Ok(c),
+            Err(first_err) => {
+                let mut candidates: Vec<String> = lock(&self.nodes).values().cloned().collect();
+                candidates.extend(self.config.brokers.iter().cloned());
+                for addr in candidates {
+                    if addr == primary {
+                        continue;
+                    }
+                    if let Ok(c) = self.connect_addr(&addr, timeout).await {
+                        *lock(&self.primary) = addr;
+                        return Ok(c);
+                    }
+                }
+                Err(first_err)
+            }
+        }
+    }
+
+    /// Learn the cluster's nodes (id and address) from any node.
+    pub(crate) async fn refresh_nodes(&self) -> Result<()> {
+        let connection = self.primary().await?;
+        let reply = tokio::time::timeout(
+            self.config.request_timeout,
+            unary_on(&connection, &ClientMessage::Metadata),
+        )
+        .await
+        .map_err(|_| Error::Timeout(self.config.request_timeout.as_millis() as u64))??;
+        match reply {
+            ServerMessage::Metadata(m) => {
+                let mut nodes = lock(&self.nodes);
+                nodes.clear();
+                for n in m.nodes {
+                    nodes.insert(n.id, n.addr);
+                }
+                Ok(())
+            }
+            ServerMessage::Error(e) => Err(Error::from_reply(&e)),
+            _ => Err(Error::Protocol("unexpected reply to Metadata".into())),
+        }
+    }
+
+    pub(crate) fn known_nodes(&self) -> BTreeMap<u64, String> {
+        lock(&self.nodes).clone()
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        let primary = lock(&self.primary).clone();
+        lock(&self.conns)
+            .get(&primary)
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    pub(crate) fn close(&self) {
+        for c in lock(&self.conns).values() {
+            c.close(0u32.into(), b"client closed");
+        }
+    }
+
+    /// One request to one node (`None`: the primary), one answer.
+    async fn request_once(&self, node: Option<u64>, msg: &ClientMessage) -> Result<ServerMessage> {
+        let timeout_ms = self.config.request_timeout.as_millis() as u64;
+        let fut = async {
+            let connection = match node {
+                Some(id) => self.connection_to(id).await?,
+                None => self.primary().await?,
+            };
+            unary_on(&connection, msg).await
+        };
         match tokio::time::timeout(self.config.request_timeout, fut).await {
-            Ok(Ok(ServerMessage::Error(e))) => Err(Error::from_reply(&e)),
             Ok(r) => r,
             Err(_) => Err(Error::Timeout(timeout_ms)),
         }
     }
+
+    /// One request to one node; its error reply is returned as is.
+    pub(crate) async fn request_to(&self, node: u64, msg: &ClientMessage) -> Result<ServerMessage> {
+        self.request_once(Some(node), msg).await
+    }
+
+    /// Send one request and wait for its answer, following `NotLeader`
+    /// hints and retrying while the cluster elects a leader, until the
+    /// request timeout.
+    pub(crate) async fn request(&self, msg: &ClientMessage) -> Result<ServerMessage> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut target = None;
+        let mut backoff = RETRY_BACKOFF_MIN;
+        loop {
+            let res = self.request_once(target, msg).await;
+            let retry_to = match &res {
+                Ok(ServerMessage::Error(e)) if e.code == ErrorCode::NotLeader as u16 => {
+                    Some(e.leader_hint)
+                }
+                Ok(ServerMessage::Error(e)) if e.code == ErrorCode::ShuttingDown as u16 => {
+                    Some(None)
+                }
+                Err(Error::Transport(_) | Error::Connect { .. }) => Some(None),
+                _ => None,
+            };
+            match (retry_to, res) {
+                (Some(hint), res) if tokio::time::Instant::now() + backoff < deadline => {
+                    if hint.is_some() && hint != target {
+                        target = hint;
+                        continue;
+                    }
+                    target = hint;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    let _ = res;
+                }
+                (_, Ok(ServerMessage::Error(e))) => return Err(Error::from_reply(&e)),
+                (_, res) => return res,
+            }
+        }
+    }
+}
+
+/// One request on its own stream of `connection`, one answer.
+async fn unary_on(connection: &quinn::Connection, msg: &ClientMessage) -> Result<ServerMessage> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(transport)?;
+    write_frame(&mut send, msg, &[]).await?;
+    let _ = send.finish();
+    match read_frame::<ServerMessage>(&mut recv).await? {
+        Some(f) => Ok(f.msg),
+        None => Err(Error::Protocol(
+            "broker closed the stream without answering".into(),
+        )),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -147,9 +310,13 @@ fn transport_config() -> quinn::TransportConfig {
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
         .stream_receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024))
         .send_window(32 * 1024 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        // A node that dies silently (kill -9, power loss, partition) must
+        // be noticed in seconds, not at the 30 s default: its partitions'
+        // producers and subscribers then move to the new leader. Pings every
+        // 500 ms cost a few bytes per second per node.
+        .keep_alive_interval(Some(Duration::from_millis(500)))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
         t.max_idle_timeout(Some(idle));
     }
     t

@@ -51,6 +51,8 @@ use schema::TopicSchema;
 pub(crate) struct TopicState {
     pub partitions: u32,
     pub schema: Option<Arc<TopicSchema>>,
+    /// Leader of each partition as last described (0: unknown).
+    pub leaders: Vec<u64>,
 }
 
 /// A connection to an arrowbus cluster.
@@ -58,6 +60,9 @@ pub(crate) struct TopicState {
 pub struct Client {
     pub(crate) conn: Arc<Conn>,
     topics: Arc<Mutex<HashMap<String, Arc<TopicState>>>>,
+    /// Partition leaders learned from `NotLeader` hints (newer than
+    /// [`TopicState::leaders`]).
+    leader_hints: Arc<Mutex<HashMap<(String, u32), u64>>>,
 }
 
 impl Client {
@@ -65,6 +70,7 @@ impl Client {
         Ok(Self {
             conn: Arc::new(Conn::connect(config).await?),
             topics: Arc::default(),
+            leader_hints: Arc::default(),
         })
     }
 
@@ -91,7 +97,7 @@ impl Client {
     /// Close the connection after the broker has received everything sent.
     /// Await outstanding acks first: a close drops what is still unsent.
     pub async fn close(&self) {
-        self.conn.connection.close(0u32.into(), b"client closed");
+        self.conn.close();
     }
 
     /// A raw bidirectional stream on this connection, for tests that send
@@ -99,7 +105,8 @@ impl Client {
     #[doc(hidden)]
     pub async fn open_raw_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         self.conn
-            .connection
+            .primary()
+            .await?
             .open_bi()
             .await
             .map_err(conn::transport)
@@ -107,7 +114,65 @@ impl Client {
 
     /// Whether the connection is still open (no close reason yet).
     pub fn is_connected(&self) -> bool {
-        self.conn.connection.close_reason().is_none()
+        self.conn.is_connected()
+    }
+
+    /// Node ids and addresses of the cluster, as last learned.
+    pub async fn nodes(&self) -> Result<std::collections::BTreeMap<u64, String>> {
+        self.conn.refresh_nodes().await?;
+        Ok(self.conn.known_nodes())
+    }
+
+    /// One request to one node (for per-node status such as `busctl cluster`).
+    #[doc(hidden)]
+    pub async fn request_node(&self, node: u64, msg: &ClientMessage) -> Result<ServerMessage> {
+        self.conn.request_to(node, msg).await
+    }
+
+    /// A connection to the node leading `topic`/`partition`: the last hint,
+    /// else the described leader, else any node (which redirects).
+    pub(crate) async fn partition_connection(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<quinn::Connection> {
+        let hint = self
+            .leader_hints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(topic.to_owned(), partition)).copied());
+        let leader = match hint {
+            Some(l) => Some(l),
+            None => {
+                let st = self.topic_state(topic, None).await?;
+                st.leaders
+                    .get(partition as usize)
+                    .copied()
+                    .filter(|l| *l != 0)
+            }
+        };
+        match leader {
+            Some(id) => self.conn.connection_to(id).await,
+            None => self.conn.primary().await,
+        }
+    }
+
+    /// Record what a `NotLeader` said about a partition's leader; without a
+    /// hint, forget what we knew so the next attempt asks again.
+    pub(crate) fn note_leader(&self, topic: &str, partition: u32, hint: Option<u64>) {
+        if let Ok(mut m) = self.leader_hints.lock() {
+            match hint {
+                Some(l) => {
+                    m.insert((topic.to_owned(), partition), l);
+                }
+                None => {
+                    m.remove(&(topic.to_owned(), partition));
+                }
+            }
+        }
+        if hint.is_none() {
+            self.forget_topic(topic);
+        }
     }
 
     pub(crate) async fn describe(&self, name: &str) -> Result<TopicInfo> {
@@ -136,7 +201,11 @@ impl Client {
         let state = Arc::new(TopicState {
             partitions: info.partitions.len() as u32,
             schema,
+            leaders: info.partitions.iter().map(|p| p.leader).collect(),
         });
+        if let Ok(mut m) = self.leader_hints.lock() {
+            m.retain(|(t, _), _| t != &info.name);
+        }
         if let Ok(mut m) = self.topics.lock() {
             m.insert(info.name.clone(), state.clone());
         }
@@ -178,6 +247,7 @@ impl Client {
                         let s = Arc::new(TopicState {
                             partitions: state.partitions,
                             schema: Some(Arc::new(TopicSchema::from_ipc(schema_id, schema_ipc)?)),
+                            leaders: state.leaders.clone(),
                         });
                         if let Ok(mut m) = self.topics.lock() {
                             m.insert(name.to_owned(), s.clone());

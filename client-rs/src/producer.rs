@@ -2,6 +2,15 @@
 //! pipeline of publishes; acks come back in order on the same stream. The
 //! window (batches and bytes in flight) is a pair of semaphores: when it is
 //! full, `send` waits. That is backpressure, not an error.
+//!
+//! Leader changes: each pipeline goes to the node that leads its partition.
+//! A publish that fails because the leader moved (`NotLeader`), stopped
+//! (`ShuttingDown`) or vanished (connection lost) is sent again to the new
+//! leader until [`ProducerConfig::delivery_timeout`] runs out. Until
+//! idempotent producers exist this is at-least-once: a batch whose first
+//! attempt was stored but not acknowledged is stored twice, and retried
+//! batches of one partition may land after batches sent later. Every ack
+//! still says exactly where its batch is.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -9,6 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use arrowbus_wire::limits::{
@@ -42,6 +52,9 @@ pub struct ProducerConfig {
     pub max_inflight_batches: usize,
     /// Bytes in flight per partition.
     pub max_inflight_bytes: u64,
+    /// How long a publish keeps being retried across leader changes before
+    /// its error is returned.
+    pub delivery_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -49,7 +62,25 @@ impl Default for ProducerConfig {
         Self {
             max_inflight_batches: MAX_INFLIGHT_BATCHES_PER_PRODUCER,
             max_inflight_bytes: MAX_INFLIGHT_BYTES_PER_PRODUCER,
+            delivery_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// First and largest pause between attempts of a retried publish.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Whether a failed attempt may succeed at another (or the same, later)
+/// leader, and the leader hint it carries.
+fn retry_hint(e: &Error) -> Option<Option<u64>> {
+    match e {
+        Error::Broker {
+            code, leader_hint, ..
+        } if *code == ErrorCode::NotLeader.as_u16() => Some(*leader_hint),
+        Error::Broker { code, .. } if *code == ErrorCode::ShuttingDown.as_u16() => Some(None),
+        Error::Transport(_) | Error::Connect { .. } => Some(None),
+        _ => None,
     }
 }
 
@@ -64,23 +95,33 @@ pub struct Producer {
     round_robin: Arc<AtomicU32>,
 }
 
-/// An in-flight publish; resolves to its [`Ack`] once the batch is durable.
-/// It keeps its producer stream open, so dropping the [`Producer`] does not
-/// lose the answers of publishes already in flight.
+/// An in-flight publish; resolves to its [`Ack`] once the batch is durable
+/// (on a quorum of its partition's replicas). It keeps its producer stream
+/// open, so dropping the [`Producer`] does not lose the answers of publishes
+/// already in flight; awaiting it also drives retries after leader changes.
 pub struct PendingAck {
-    rx: oneshot::Receiver<Result<Ack>>,
-    _pipeline: Arc<Pipeline>,
+    fut: Pin<Box<dyn Future<Output = Result<Ack>> + Send>>,
 }
 
 impl Future for PendingAck {
     type Output = Result<Ack>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| {
-                Err(Error::Transport(
-                    "publish outcome unknown: the producer stream ended".into(),
-                ))
-            })
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+/// One attempt: the answer of one pipeline.
+struct Attempt {
+    rx: oneshot::Receiver<Result<Ack>>,
+    _pipeline: Arc<Pipeline>,
+}
+
+impl Attempt {
+    async fn outcome(self) -> Result<Ack> {
+        self.rx.await.unwrap_or_else(|_| {
+            Err(Error::Transport(
+                "publish outcome unknown: the producer stream ended".into(),
+            ))
         })
     }
 }
@@ -94,6 +135,7 @@ impl Producer {
             max_inflight_bytes: cfg
                 .max_inflight_bytes
                 .clamp(u64::from(MAX_BATCH_BYTES), MAX_INFLIGHT_BYTES_PER_PRODUCER),
+            delivery_timeout: cfg.delivery_timeout,
         };
         Self {
             client,
@@ -217,15 +259,80 @@ impl Producer {
     ) -> Result<PendingAck> {
         let header = BatchHeader::for_body(&body, rows, schema_id)
             .map_err(|e| Error::BatchTooLarge(e.to_string()))?;
+        let header = Bytes::copy_from_slice(&header.encode());
+        let deadline = tokio::time::Instant::now() + self.cfg.delivery_timeout;
+        let mut backoff = RETRY_BACKOFF_MIN;
+        // The first attempt is made now (this is where the window applies
+        // backpressure); later ones when the ack is awaited.
+        let first = loop {
+            match self.attempt(topic, partition, &header, &body).await {
+                Ok(a) => break a,
+                Err(e) => match retry_hint(&e) {
+                    Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                        self.leader_moved(topic, partition, hint).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    }
+                    _ => return Err(e),
+                },
+            }
+        };
+        let producer = self.clone();
+        let topic = topic.to_owned();
+        let fut = async move {
+            let mut attempt = first;
+            let mut backoff = RETRY_BACKOFF_MIN;
+            loop {
+                let err = match attempt.outcome().await {
+                    Ok(ack) => return Ok(ack),
+                    Err(e) => e,
+                };
+                let Some(hint) = retry_hint(&err) else {
+                    return Err(err);
+                };
+                if tokio::time::Instant::now() + backoff >= deadline {
+                    return Err(err);
+                }
+                producer.leader_moved(&topic, partition, hint).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                attempt = loop {
+                    match producer.attempt(&topic, partition, &header, &body).await {
+                        Ok(a) => break a,
+                        Err(e) => match retry_hint(&e) {
+                            Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                                producer.leader_moved(&topic, partition, hint).await;
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                            }
+                            _ => return Err(e),
+                        },
+                    }
+                };
+            }
+        };
+        Ok(PendingAck { fut: Box::pin(fut) })
+    }
+
+    async fn attempt(
+        &self,
+        topic: &str,
+        partition: u32,
+        header: &Bytes,
+        body: &Bytes,
+    ) -> Result<Attempt> {
         let pipeline = self.pipeline(topic, partition).await?;
         pipeline
-            .send(
-                topic,
-                partition,
-                Bytes::copy_from_slice(&header.encode()),
-                body,
-            )
+            .send(topic, partition, header.clone(), body.clone())
             .await
+    }
+
+    /// The partition's leader is elsewhere (or unknown): drop the pipeline
+    /// so the next attempt opens one at the leader.
+    async fn leader_moved(&self, topic: &str, partition: u32, hint: Option<u64>) {
+        self.client.note_leader(topic, partition, hint);
+        let mut map = self.pipelines.lock().await;
+        map.remove(&(topic.to_owned(), partition));
     }
 
     async fn pipeline(&self, topic: &str, partition: u32) -> Result<Arc<Pipeline>> {
@@ -236,7 +343,7 @@ impl Producer {
                 return Ok(p.clone());
             }
         }
-        let p = Arc::new(Pipeline::open(&self.client, topic, &self.cfg).await?);
+        let p = Arc::new(Pipeline::open(&self.client, topic, partition, &self.cfg).await?);
         map.insert(key, p.clone());
         Ok(p)
     }
@@ -266,8 +373,14 @@ impl Drop for Pipeline {
 }
 
 impl Pipeline {
-    async fn open(client: &Client, topic: &str, cfg: &ProducerConfig) -> Result<Self> {
-        let (send, mut recv) = client.conn.connection.open_bi().await.map_err(transport)?;
+    async fn open(
+        client: &Client,
+        topic: &str,
+        partition: u32,
+        cfg: &ProducerConfig,
+    ) -> Result<Self> {
+        let connection = client.partition_connection(topic, partition).await?;
+        let (send, mut recv) = connection.open_bi().await.map_err(transport)?;
         let pending: Arc<Mutex<VecDeque<Pending>>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let (p2, d2, c2, t2) = (
@@ -355,7 +468,7 @@ impl Pipeline {
         partition: u32,
         header: Bytes,
         body: Bytes,
-    ) -> Result<PendingAck> {
+    ) -> Result<Attempt> {
         let kib = ((header.len() + body.len()) / 1024 + 1) as u32;
         let closed = |_| Error::Transport("producer stream closed".into());
         let count = self.count.clone().acquire_owned().await.map_err(closed)?;
@@ -390,7 +503,7 @@ impl Pipeline {
             return Err(e);
         }
         drop(send);
-        Ok(PendingAck {
+        Ok(Attempt {
             rx,
             _pipeline: self.clone(),
         })

@@ -155,6 +155,21 @@ pub(crate) async fn subscribe(
     })
 }
 
+/// How long a partition's subscription keeps trying to reach a leader
+/// without delivering anything before it reports the error.
+const RESUBSCRIBE_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Where a partition's subscription stands across re-subscriptions.
+#[derive(Default)]
+struct Progress {
+    /// Offset after the last delivered row.
+    next: Option<u64>,
+    /// With `until_end`: the high watermark at the first subscription.
+    end: Option<u64>,
+}
+
+/// Follow one partition, re-subscribing at the new leader from the next
+/// undelivered offset when the leader changes or its node goes away.
 async fn run_partition(
     client: &Client,
     topic: &str,
@@ -162,7 +177,51 @@ async fn run_partition(
     opts: &SubscribeOptions,
     tx: &mpsc::Sender<Result<Delivery>>,
 ) -> Result<()> {
-    let (mut send, mut recv) = client.conn.connection.open_bi().await.map_err(transport)?;
+    let mut progress = Progress::default();
+    let mut backoff = std::time::Duration::from_millis(25);
+    let mut budget_from = tokio::time::Instant::now();
+    loop {
+        let before = progress.next;
+        let err = match run_partition_once(client, topic, partition, opts, tx, &mut progress).await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let hint = match &err {
+            Error::Broker {
+                code, leader_hint, ..
+            } if *code == arrowbus_wire::ErrorCode::NotLeader.as_u16() => *leader_hint,
+            Error::Broker { code, .. }
+                if *code == arrowbus_wire::ErrorCode::ShuttingDown.as_u16() =>
+            {
+                None
+            }
+            Error::Transport(_) | Error::Connect { .. } => None,
+            _ => return Err(err),
+        };
+        if progress.next != before {
+            budget_from = tokio::time::Instant::now();
+            backoff = std::time::Duration::from_millis(25);
+        }
+        if budget_from.elapsed() > RESUBSCRIBE_BUDGET {
+            return Err(err);
+        }
+        client.note_leader(topic, partition, hint);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_millis(500));
+    }
+}
+
+async fn run_partition_once(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    opts: &SubscribeOptions,
+    tx: &mpsc::Sender<Result<Delivery>>,
+    progress: &mut Progress,
+) -> Result<()> {
+    let connection = client.partition_connection(topic, partition).await?;
+    let (mut send, mut recv) = connection.open_bi().await.map_err(transport)?;
     let credit = Credit {
         bytes: opts.credit_bytes,
         batches: opts.credit_batches,
@@ -170,7 +229,7 @@ async fn run_partition(
     let sub = ClientMessage::Subscribe(Subscribe {
         topic: topic.to_owned(),
         partition,
-        start: opts.start,
+        start: progress.next.map_or(opts.start, StartAt::Offset),
         isolation: opts.isolation,
         credit,
     });
@@ -187,7 +246,7 @@ async fn run_partition(
             ))
         }
     };
-    let end = subscribed.high_watermark;
+    let end = *progress.end.get_or_insert(subscribed.high_watermark);
     if opts.until_end && subscribed.start_offset >= end {
         let _ = send.finish();
         return Ok(());
@@ -260,6 +319,7 @@ async fn run_partition(
         if tx.send(Ok(d)).await.is_err() {
             return Ok(()); // the application dropped the subscriber
         }
+        progress.next = Some(next_offset);
         if opts.until_end && next_offset >= end {
             let _ = send.finish();
             return Ok(());

@@ -1,7 +1,29 @@
-//! arrowbus replication layer. Today it owns the partition log on disk
-//! ([`log`]): the segment-file store that is both the topic log subscribers
-//! read and (next) the openraft log store. It must never depend on the broker
-//! or a client crate, and never let an openraft type leak through its API.
+//! arrowbus replication: openraft behind this crate's own API, so that a
+//! consensus-library upgrade touches only this crate.
+//!
+//! - [`log`]: the partition log (segment files), which is also the Raft log:
+//!   entries are stored once.
+//! - [`store`]: openraft's log store over it; the vote in its own fsynced file.
+//! - [`sm`]: the state machine driver and the [`sm::Applier`] each kind of
+//!   group implements.
+//! - [`network`]: Raft RPCs over QUIC, every group multiplexed on one
+//!   connection per peer.
+//! - [`group`]: opening a group; the partition applier.
+//!
+//! openraft is pinned to an exact 0.10 alpha: the 0.10 line has the storage
+//! API this design needs (flush callbacks for group commit, `truncate_after`,
+//! pre-vote, leader transfer). Its known pitfalls and how they are handled
+//! here: the vote is fsynced before `save_vote` returns and only after
+//! earlier appends are durable; the flush callback fires only after fsync;
+//! openraft never purges the log by itself (retention does, by segment).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod group;
 pub mod log;
+pub mod network;
+pub mod sm;
+pub mod store;
+pub mod types;
+
+pub use openraft::impls::BasicNode;
+pub use openraft::ServerState;

@@ -5,6 +5,8 @@
 //! and busctl, in the same profile as the tests), so `cargo test` alone is
 //! enough.
 
+pub mod cluster;
+
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,11 @@ static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// Directory holding the built `busd` and `busctl` (built once per test process).
 pub fn bin_dir() -> PathBuf {
     let r = BUILT.get_or_init(|| {
+        // scripts/test builds the whole workspace first and points here, so
+        // the binaries are not rebuilt with a different feature set.
+        if let Some(dir) = std::env::var_os("ARROWBUS_TEST_BIN_DIR") {
+            return Ok(PathBuf::from(dir));
+        }
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // target/<profile>/deps/<test-binary>
         let dir = exe

@@ -9,6 +9,7 @@ use rkyv::util::AlignedVec;
 use crate::frame::{Direction, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 use crate::limits::{MAX_BODY_BYTES, MAX_CONTROL_BYTES};
 use crate::msg::{ClientMessage, ServerMessage};
+use crate::peer::{PeerRequest, PeerResponse};
 
 /// A message type that travels in a frame's control section.
 pub trait Message: Sized {
@@ -41,6 +42,8 @@ macro_rules! impl_message {
 
 impl_message!(ClientMessage, Direction::ClientToBroker);
 impl_message!(ServerMessage, Direction::BrokerToClient);
+impl_message!(PeerRequest, Direction::PeerRequest);
+impl_message!(PeerResponse, Direction::PeerResponse);
 
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq)]

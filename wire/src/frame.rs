@@ -23,13 +23,16 @@ pub const FRAME_HEADER_BYTES: usize = 16;
 pub const FRAME_MAGIC: [u8; 2] = *b"AB";
 /// Protocol version. rkyv has no schema evolution: any change of a message
 /// type bumps this, and peers refuse versions they do not speak.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Direction {
     ClientToBroker = 1,
     BrokerToClient = 2,
+    /// Node-to-node requests (Raft RPCs), on connections with the peer ALPN.
+    PeerRequest = 3,
+    PeerResponse = 4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,4 +115,4 @@ const _: () = assert!(crate::batch::BATCH_HEADER_BYTES == 80);
 
 /// TLS ALPN protocol id; carries the protocol version so that incompatible
 /// peers fail the handshake with a clear reason instead of a decode error.
-pub const ALPN: &[u8] = b"arrowbus/1";
+pub const ALPN: &[u8] = b"arrowbus/2";

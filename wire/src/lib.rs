@@ -13,6 +13,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod msg;
+pub mod peer;
 
 pub use batch::{BatchError, BatchHeader, BatchKind, LogId, BATCH_HEADER_BYTES};
 pub use codec::{decode_control, encode_frame, Frame};

@@ -26,6 +26,9 @@ pub enum ClientMessage {
     },
     /// Cluster nodes and, per topic, partition leaders.
     Metadata,
+    /// This node's view of the cluster: its Raft groups, roles, terms,
+    /// commit and applied indexes and follower lag (`busctl cluster`).
+    ClusterStatus,
     /// Fix the topic's schema if it has none; answered with the topic's schema
     /// (the given one, or the one already there). Races between two first
     /// publishers are settled here, by whoever reaches the broker first.
@@ -105,6 +108,7 @@ pub enum ServerMessage {
         topic: String,
     },
     Metadata(ClusterMetadata),
+    Cluster(NodeStatus),
     Schema {
         schema_id: u32,
         schema_ipc: Vec<u8>,
@@ -163,6 +167,8 @@ pub struct PartitionInfo {
     pub partition: u32,
     pub leader: u64,
     pub replicas: Vec<u64>,
+    /// Replicas holding everything committed (known on the leader only).
+    pub in_sync: Vec<u64>,
     /// First retained offset.
     pub earliest_offset: u64,
     /// Next offset to be assigned (the high watermark on a single node).
@@ -208,4 +214,35 @@ pub struct BatchDelivery {
     pub skip_rows: u32,
     /// The high watermark when the batch was sent (lag = hw - batch end).
     pub high_watermark: u64,
+}
+
+/// One Raft group as a node sees it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct GroupStatus {
+    /// 0: the controller; otherwise a partition group.
+    pub group: u64,
+    /// Empty for the controller.
+    pub topic: String,
+    pub partition: u32,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    /// 0 when unknown.
+    pub leader: u64,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub committed: u64,
+    pub applied: u64,
+    /// On the leader: (follower id, matched log index) per follower.
+    pub followers: Vec<(u64, u64)>,
+}
+
+/// A node's answer to `ClusterStatus`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub addr: String,
+    /// Every node of the cluster as this node knows it.
+    pub nodes: Vec<NodeInfo>,
+    pub controller: GroupStatus,
+    pub partitions: Vec<GroupStatus>,
 }

@@ -717,6 +717,20 @@ impl PartitionLog {
         }
     }
 
+    /// The position just before the first retained entry: its log id is the
+    /// last purged one (what Raft calls `last_purged_log_id`).
+    pub fn purged_position(&self) -> LogPosition {
+        let s = self.inner.segs();
+        match s.first() {
+            Some(g) => LogPosition {
+                last_index: g.meta.base_index - 1,
+                last_log_id: g.meta.prev,
+                next_offset: g.meta.base_offset,
+            },
+            None => LogPosition::default(),
+        }
+    }
+
     /// fdatasync calls made by this log since open (for tests and metrics).
     pub fn fsyncs(&self) -> u64 {
         self.inner.fsyncs.load(Ordering::Acquire)

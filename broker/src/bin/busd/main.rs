@@ -50,6 +50,11 @@ enum Cmd {
         /// Where to write the client profile [default: $ARROWBUS_CONFIG_DIR/profile.toml or ~/.config/arrowbus/profile.toml]
         #[arg(long)]
         profile: Option<PathBuf>,
+        /// Start a local cluster of N nodes, each its own busd process: node i
+        /// listens on the port of --listen plus i-1 and keeps its data in
+        /// DATA_DIR/node-i. Ctrl-C stops them all.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+        nodes: u16,
     },
     /// Run a node from a TOML config file (see broker/busd.example.toml).
     Run {
@@ -57,6 +62,8 @@ enum Cmd {
         config: PathBuf,
     },
 }
+
+mod dev_cluster;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -73,10 +80,15 @@ fn main() -> ExitCode {
             listen,
             fsync,
             profile,
+            nodes,
         } => {
             let data_dir = data_dir
                 .or_else(|| std::env::var_os("ARROWBUS_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| profile::home().join(".local/share/arrowbus/dev"));
+            if nodes > 1 {
+                let profile = profile.unwrap_or_else(profile::default_profile_path);
+                return dev_cluster::run(&data_dir, listen, nodes, &fsync, &profile);
+            }
             let mut cfg = BrokerConfig::dev(data_dir, listen);
             cfg.log.fsync = match fsync.as_str() {
                 "always" => FsyncMode::Always,
@@ -153,7 +165,7 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
         (Some(cert), Some(key)) => tls::TlsFiles {
             cert: cert.clone(),
             key: key.clone(),
-            ca: None,
+            ca: config.tls.ca.clone(),
         },
         _ => {
             let mut names = vec![
@@ -170,21 +182,46 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
                 .map_err(Failure::Other)?
         }
     };
-    let crypto = tls::server_crypto(&tls_files)
+    let crypto = tls::server_crypto(&tls_files, tls_files.ca.as_deref())
         .context("loading TLS certificate")
         .map_err(Failure::Other)?;
 
-    let data_dir = config.data_dir.clone();
-    let node_id = config.node_id;
-    let log_cfg = config.log_config();
-    let topics = tokio::task::spawn_blocking(move || Topics::open(&data_dir, node_id, log_cfg))
-        .await
-        .map_err(|e| Failure::Other(e.into()))?
-        .map_err(|e| Failure::Storage(e.into()))?;
-    let topics = Arc::new(topics);
-
     let endpoint = server::bind_endpoint(&config, crypto).map_err(Failure::Network)?;
     let addr = server::local_addr(&endpoint).unwrap_or(config.listen);
+
+    let peers = config
+        .peers()
+        .map_err(|e| Failure::Other(anyhow::anyhow!("cluster.peers: {e}")))?;
+    let peer_client = match &tls_files.ca {
+        Some(ca) => tls::peer_client_config(&tls_files, ca)
+            .context("peer TLS configuration")
+            .map_err(Failure::Other)?,
+        None if peers.len() <= 1 => {
+            // A cluster of one never dials a peer; any config will do.
+            tls::peer_client_config(&tls_files, &tls_files.cert)
+                .context("peer TLS configuration")
+                .map_err(Failure::Other)?
+        }
+        None => {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "tls.ca is required for a multi-node cluster: nodes verify each other with it"
+            )))
+        }
+    };
+    let env = arrowbus_raft::group::GroupEnv {
+        node_id: config.node_id,
+        pool: arrowbus_raft::network::PeerPool::new(
+            config.node_id,
+            endpoint.clone(),
+            peer_client,
+            config.cluster.server_name.clone(),
+        ),
+        registry: Arc::default(),
+        timing: config.raft_timing(),
+    };
+    let topics = Topics::open(&config.data_dir, env, config.log_config(), &peers)
+        .await
+        .map_err(|e| Failure::Storage(e.into()))?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), node_id = config.node_id, fsync = ?config.log.fsync, "busd listening");
 
     if let (Some(path), Some(ca)) = (&dev_profile, &tls_files.ca) {

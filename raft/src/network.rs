@@ -1,0 +1,663 @@
+//! Raft RPCs between nodes over QUIC. One connection per peer node, shared by
+//! every group (the controller and all partitions); one bidirectional stream
+//! per RPC, so a slow snapshot never blocks another group's heartbeat.
+//!
+//! Sending ([`PeerPool`], [`GroupNetwork`]): connections are made lazily and
+//! replaced when they die; every RPC is bounded by openraft's soft TTL; a
+//! peer that cannot be reached, or does not host the group yet, is reported
+//! as `Unreachable` so openraft backs off instead of spinning.
+//!
+//! Receiving ([`serve_peer_connection`]): each stream's request is decoded
+//! and validated (frame limits, rkyv validation, batch header and body CRCs)
+//! before it reaches the group's Raft; malformed requests are answered with
+//! an error and never touch a log.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use arrowbus_wire::limits::MAX_BODY_BYTES;
+use arrowbus_wire::peer::{
+    self, AppendRequest, PeerRequest, PeerResponse, PeerRpc, WireEntry, PEER_ALPN,
+};
+use arrowbus_wire::{BatchHeader, ErrorCode, BATCH_HEADER_BYTES};
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use openraft::entry::RaftEntry;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::impls::BasicNode;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{EntryPayload, RaftNetworkV2};
+
+use crate::sm::{Applier, StateMachine};
+use crate::types::{
+    self, from_wire_log_id, from_wire_vote, wire_log_id, wire_vote, Entry, NodeId, Raft, Snapshot,
+    SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
+
+/// How long connecting to a peer may take before the RPC counts as
+/// unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PeerError(pub String);
+
+/// Outgoing connections to peer nodes, shared by every group of this node.
+pub struct PeerPool {
+    me: NodeId,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    server_name: String,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+impl PeerPool {
+    /// `client` must offer [`PEER_ALPN`] and trust the peers' certificates.
+    pub fn new(
+        me: NodeId,
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        server_name: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            endpoint,
+            client,
+            server_name,
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, PeerError> {
+        if let Some(c) = lock(&self.conns).get(addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sock: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| PeerError(format!("resolve {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| PeerError(format!("{addr} resolves to nothing")))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), sock, &self.server_name)
+            .map_err(|e| PeerError(format!("connect {addr}: {e}")))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| PeerError(format!("connect {addr}: timed out")))?
+            .map_err(|e| PeerError(format!("connect {addr}: {e}")))?;
+        lock(&self.conns).insert(addr.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    /// One RPC: a request frame (and body) out, one response frame back.
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(PeerResponse, Bytes), PeerError> {
+        let fut = async {
+            let conn = self.connection(addr).await?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| PeerError(format!("open stream to {addr}: {e}")))?;
+            write_frame(&mut send, req, body).await?;
+            let _ = send.finish();
+            read_frame::<PeerResponse>(&mut recv)
+                .await?
+                .ok_or_else(|| PeerError(format!("{addr} closed the stream without answering")))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| PeerError(format!("rpc to {addr} timed out after {timeout:?}")))?
+    }
+}
+
+/// The network factory of one group.
+pub struct GroupNetwork {
+    pool: Arc<PeerPool>,
+    group: u64,
+}
+
+impl GroupNetwork {
+    pub fn new(pool: Arc<PeerPool>, group: u64) -> Self {
+        Self { pool, group }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            pool: self.pool.clone(),
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+/// Sends one group's RPCs to one peer.
+pub struct PeerClient {
+    pool: Arc<PeerPool>,
+    group: u64,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerClient {
+    async fn rpc(
+        &self,
+        rpc: PeerRpc,
+        body: Bytes,
+        option: &RPCOption,
+    ) -> Result<(PeerResponse, Bytes), RPCError<TypeConfig>> {
+        let req = PeerRequest {
+            from: self.pool.me,
+            group: self.group,
+            rpc,
+        };
+        match self
+            .pool
+            .call(&self.addr, &req, body, option.soft_ttl())
+            .await
+        {
+            Ok((PeerResponse::Error { code, message }, _)) => {
+                let e = PeerError(format!(
+                    "node {} refused: {message} (code {code})",
+                    self.target
+                ));
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+
+    fn unexpected(&self, what: &str) -> RPCError<TypeConfig> {
+        let e = PeerError(format!(
+            "node {} answered {what} with the wrong message",
+            self.target
+        ));
+        RPCError::Network(NetworkError::new(&e))
+    }
+
+    async fn send_append(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let (req, body) =
+            encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        match self.rpc(PeerRpc::Append(req), body, option).await? {
+            (PeerResponse::Append(r), _) => Ok(match r {
+                peer::AppendResponse::Success => AppendEntriesResponse::Success,
+                peer::AppendResponse::PartialSuccess(l) => {
+                    AppendEntriesResponse::PartialSuccess(l.as_ref().map(from_wire_log_id))
+                }
+                peer::AppendResponse::Conflict => AppendEntriesResponse::Conflict,
+                peer::AppendResponse::HigherVote(v) => {
+                    AppendEntriesResponse::HigherVote(from_wire_vote(&v))
+                }
+            }),
+            _ => Err(self.unexpected("append")),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Bytes;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // One frame body holds at most MAX_BODY_BYTES: send what fits and
+        // report partial success; openraft continues from there.
+        let mut bytes = 0u64;
+        let mut fit = 0;
+        for e in &rpc.entries {
+            let len = match &e.payload {
+                EntryPayload::Normal(c) => c.body.len() as u64,
+                _ => 0,
+            };
+            if fit > 0 && bytes + len > u64::from(MAX_BODY_BYTES) {
+                break;
+            }
+            bytes += len;
+            fit += 1;
+        }
+        if fit == rpc.entries.len() {
+            return self.send_append(rpc, &option).await;
+        }
+        let mut rpc = rpc;
+        rpc.entries.truncate(fit);
+        let last = rpc.entries.last().map(|e| e.log_id());
+        if let (Some(c), Some(l)) = (rpc.leader_commit, last) {
+            if c.index > l.index {
+                rpc.leader_commit = Some(l);
+            }
+        }
+        match self.send_append(rpc, &option).await? {
+            AppendEntriesResponse::Success => Ok(AppendEntriesResponse::PartialSuccess(last)),
+            other => Ok(other),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .rpc(PeerRpc::Vote(encode_vote(&rpc)), Bytes::new(), &option)
+            .await?
+        {
+            (PeerResponse::Vote(r), _) => Ok(decode_vote_response(&r)),
+            _ => Err(self.unexpected("vote")),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .rpc(PeerRpc::PreVote(encode_vote(&rpc)), Bytes::new(), &option)
+            .await?
+        {
+            (PeerResponse::Vote(r), _) => Ok(decode_vote_response(&r)),
+            _ => Err(self.unexpected("pre-vote")),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let meta = &snapshot.meta;
+        let req = peer::SnapshotRequest {
+            vote: wire_vote(&vote),
+            last_log_id: meta.last_log_id.as_ref().map(wire_log_id),
+            membership_log_id: meta.last_membership.log_id().as_ref().map(wire_log_id),
+            membership: types::wire_membership(meta.last_membership.membership()),
+        };
+        let call = self.rpc(PeerRpc::Snapshot(req), snapshot.snapshot.clone(), &option);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = call => match r {
+                Ok((PeerResponse::Snapshot(v), _)) => Ok(SnapshotResponse::new(from_wire_vote(&v))),
+                Ok(_) => {
+                    let e = PeerError(format!("node {} answered a snapshot with the wrong message", self.target));
+                    Err(StreamingError::Unreachable(Unreachable::new(&e)))
+                }
+                Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
+                Err(e) => {
+                    let e = PeerError(e.to_string());
+                    Err(StreamingError::Unreachable(Unreachable::new(&e)))
+                }
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let w = peer::TransferLeaderRequest {
+            from_leader: wire_vote(req.from_leader()),
+            to: *req.to_node_id(),
+            last_log_id: req.last_log_id().map(wire_log_id),
+        };
+        match self
+            .rpc(PeerRpc::TransferLeader(w), Bytes::new(), &option)
+            .await?
+        {
+            (PeerResponse::TransferLeaderDone, _) => Ok(Ok(())),
+            _ => Err(self.unexpected("transfer-leader")),
+        }
+    }
+}
+
+fn encode_vote(rpc: &VoteRequest<TypeConfig>) -> peer::VoteRequest {
+    peer::VoteRequest {
+        vote: wire_vote(&rpc.vote),
+        last_log_id: rpc.last_log_id.as_ref().map(wire_log_id),
+        leadership_transfer: rpc.leadership_transfer,
+    }
+}
+
+fn decode_vote_request(w: &peer::VoteRequest) -> VoteRequest<TypeConfig> {
+    VoteRequest {
+        vote: from_wire_vote(&w.vote),
+        last_log_id: w.last_log_id.as_ref().map(from_wire_log_id),
+        leadership_transfer: w.leadership_transfer,
+    }
+}
+
+fn encode_vote_response(r: &VoteResponse<TypeConfig>) -> peer::VoteResponse {
+    peer::VoteResponse {
+        vote: wire_vote(&r.vote),
+        vote_granted: r.vote_granted,
+        last_log_id: r.last_log_id.as_ref().map(wire_log_id),
+    }
+}
+
+fn decode_vote_response(w: &peer::VoteResponse) -> VoteResponse<TypeConfig> {
+    VoteResponse {
+        vote: from_wire_vote(&w.vote),
+        vote_granted: w.vote_granted,
+        last_log_id: w.last_log_id.as_ref().map(from_wire_log_id),
+    }
+}
+
+fn encode_append(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+) -> Result<(AppendRequest, Bytes), PeerError> {
+    let mut body = BytesMut::new();
+    let mut entries = Vec::with_capacity(rpc.entries.len());
+    for e in &rpc.entries {
+        let id = wire_log_id(&e.log_id);
+        entries.push(match &e.payload {
+            EntryPayload::Blank => WireEntry::Blank(id),
+            EntryPayload::Membership(m) => WireEntry::Membership(id, types::wire_membership(m)),
+            EntryPayload::Normal(cmd) => {
+                body.extend_from_slice(&cmd.body);
+                WireEntry::Data {
+                    log_id: id,
+                    header: cmd.header.encode().to_vec(),
+                    body_len: u32::try_from(cmd.body.len())
+                        .map_err(|_| PeerError("entry body exceeds 4 GiB".into()))?,
+                }
+            }
+        });
+    }
+    Ok((
+        AppendRequest {
+            vote: wire_vote(&rpc.vote),
+            prev_log_id: rpc.prev_log_id.as_ref().map(wire_log_id),
+            leader_commit: rpc.leader_commit.as_ref().map(wire_log_id),
+            entries,
+        },
+        body.freeze(),
+    ))
+}
+
+/// Rebuild an append request from the wire, checking every entry's header
+/// and body before any of it can reach a log.
+fn decode_append(
+    req: &AppendRequest,
+    body: Bytes,
+) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    let mut at = 0usize;
+    let mut entries: Vec<Entry> = Vec::with_capacity(req.entries.len());
+    for w in &req.entries {
+        entries.push(match w {
+            WireEntry::Blank(id) => Entry::new_blank(from_wire_log_id(id)),
+            WireEntry::Membership(id, m) => Entry::new_membership(
+                from_wire_log_id(id),
+                types::from_wire_membership(m).map_err(|e| e.to_string())?,
+            ),
+            WireEntry::Data {
+                log_id,
+                header,
+                body_len,
+            } => {
+                if header.len() != BATCH_HEADER_BYTES {
+                    return Err(format!(
+                        "entry {} header is {} bytes",
+                        log_id.index,
+                        header.len()
+                    ));
+                }
+                let h = BatchHeader::decode(header)
+                    .map_err(|e| format!("entry {}: {e}", log_id.index))?;
+                let end = at
+                    .checked_add(*body_len as usize)
+                    .filter(|end| *end <= body.len())
+                    .ok_or_else(|| format!("entry {} body runs past the frame", log_id.index))?;
+                let b = body.slice(at..end);
+                at = end;
+                h.verify_body(&b)
+                    .map_err(|e| format!("entry {}: {e}", log_id.index))?;
+                let id = from_wire_log_id(log_id);
+                types::from_parts(id, h, b).map_err(|e| e.to_string())?
+            }
+        });
+    }
+    if at != body.len() {
+        return Err(format!(
+            "{} stray body bytes after the last entry",
+            body.len() - at
+        ));
+    }
+    for pair in entries.windows(2) {
+        if pair[1].index() != pair[0].index() + 1 {
+            return Err("entries are not consecutive".into());
+        }
+    }
+    Ok(AppendEntriesRequest {
+        vote: from_wire_vote(&req.vote),
+        prev_log_id: req.prev_log_id.as_ref().map(from_wire_log_id),
+        leader_commit: req.leader_commit.as_ref().map(from_wire_log_id),
+        entries,
+    })
+}
+
+// ---- receiving -------------------------------------------------------------
+
+/// A group as the RPC server sees it.
+pub trait GroupRpc: Send + Sync + 'static {
+    fn handle(&self, rpc: PeerRpc, body: Bytes) -> BoxFuture<'_, PeerResponse>;
+}
+
+impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
+    fn handle(&self, rpc: PeerRpc, body: Bytes) -> BoxFuture<'_, PeerResponse> {
+        Box::pin(async move {
+            let refused = |e: String| PeerResponse::Error {
+                code: ErrorCode::Internal as u16,
+                message: e,
+            };
+            match rpc {
+                PeerRpc::Append(req) => {
+                    let req = match decode_append(&req, body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return PeerResponse::Error {
+                                code: ErrorCode::CorruptBatch as u16,
+                                message: e,
+                            }
+                        }
+                    };
+                    match self.append_entries(req).await {
+                        Ok(r) => PeerResponse::Append(match r {
+                            AppendEntriesResponse::Success => peer::AppendResponse::Success,
+                            AppendEntriesResponse::PartialSuccess(l) => {
+                                peer::AppendResponse::PartialSuccess(l.as_ref().map(wire_log_id))
+                            }
+                            AppendEntriesResponse::Conflict => peer::AppendResponse::Conflict,
+                            AppendEntriesResponse::HigherVote(v) => {
+                                peer::AppendResponse::HigherVote(wire_vote(&v))
+                            }
+                        }),
+                        Err(e) => refused(e.to_string()),
+                    }
+                }
+                PeerRpc::Vote(v) => match self.vote(decode_vote_request(&v)).await {
+                    Ok(r) => PeerResponse::Vote(encode_vote_response(&r)),
+                    Err(e) => refused(e.to_string()),
+                },
+                PeerRpc::PreVote(v) => match self.pre_vote(decode_vote_request(&v)).await {
+                    Ok(r) => PeerResponse::Vote(encode_vote_response(&r)),
+                    Err(e) => refused(e.to_string()),
+                },
+                PeerRpc::Snapshot(s) => {
+                    let membership = match types::from_wire_membership(&s.membership) {
+                        Ok(m) => m,
+                        Err(e) => return refused(e.to_string()),
+                    };
+                    let meta = SnapshotMeta {
+                        last_log_id: s.last_log_id.as_ref().map(from_wire_log_id),
+                        last_membership: StoredMembership::new(
+                            s.membership_log_id.as_ref().map(from_wire_log_id),
+                            membership,
+                        ),
+                    };
+                    let snap = Snapshot {
+                        meta,
+                        snapshot: body,
+                    };
+                    match self
+                        .install_full_snapshot(from_wire_vote(&s.vote), snap)
+                        .await
+                    {
+                        Ok(r) => PeerResponse::Snapshot(wire_vote(&r.vote)),
+                        Err(e) => refused(e.to_string()),
+                    }
+                }
+                PeerRpc::TransferLeader(t) => {
+                    let req = TransferLeaderRequest::new(
+                        from_wire_vote(&t.from_leader),
+                        t.to,
+                        t.last_log_id.as_ref().map(from_wire_log_id),
+                    );
+                    match self.handle_transfer_leader(req).await {
+                        Ok(Ok(())) => PeerResponse::TransferLeaderDone,
+                        Ok(Err(e)) => refused(e.to_string()),
+                        Err(e) => refused(e.to_string()),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The groups this node hosts, by group id.
+#[derive(Default)]
+pub struct GroupRegistry {
+    groups: RwLock<HashMap<u64, Arc<dyn GroupRpc>>>,
+}
+
+impl GroupRegistry {
+    pub fn insert(&self, group: u64, g: Arc<dyn GroupRpc>) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, g);
+    }
+    pub fn remove(&self, group: u64) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+    }
+    fn get(&self, group: u64) -> Option<Arc<dyn GroupRpc>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+}
+
+/// Serve one peer connection until it closes: one RPC per stream.
+pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupRegistry>) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let resp = match read_frame::<PeerRequest>(&mut recv).await {
+                Ok(Some((req, body))) => match registry.get(req.group) {
+                    Some(g) => g.handle(req.rpc, body).await,
+                    None => PeerResponse::Error {
+                        code: ErrorCode::PartitionNotFound as u16,
+                        message: format!("group {} is not hosted on this node (yet)", req.group),
+                    },
+                },
+                Ok(None) => return,
+                Err(e) => PeerResponse::Error {
+                    code: ErrorCode::MalformedFrame as u16,
+                    message: e.0,
+                },
+            };
+            if write_frame(&mut send, &resp, Bytes::new()).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// Whether an accepted connection speaks the peer protocol.
+pub fn is_peer_connection(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == PEER_ALPN)
+}
+
+// ---- framing ---------------------------------------------------------------
+
+async fn write_frame<M: arrowbus_wire::codec::Message>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+    body: Bytes,
+) -> Result<(), PeerError> {
+    let head =
+        arrowbus_wire::encode_frame(msg, body.len()).map_err(|e| PeerError(e.to_string()))?;
+    let mut chunks = [Bytes::from(head), body];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| PeerError(format!("write: {e}")))
+}
+
+async fn read_frame<M: arrowbus_wire::codec::Message>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<(M, Bytes)>, PeerError> {
+    use arrowbus_wire::{FrameHeader, FRAME_HEADER_BYTES};
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(PeerError(format!("read: {e}"))),
+    }
+    let header = FrameHeader::decode(&head, M::DIRECTION).map_err(|e| PeerError(e.to_string()))?;
+    let mut control = vec![0u8; header.control_len as usize];
+    recv.read_exact(&mut control)
+        .await
+        .map_err(|e| PeerError(format!("read: {e}")))?;
+    let msg = arrowbus_wire::decode_control::<M>(&control).map_err(|e| PeerError(e.to_string()))?;
+    let mut body = vec![0u8; header.body_len as usize];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| PeerError(format!("read: {e}")))?;
+    Ok(Some((msg, Bytes::from(body))))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

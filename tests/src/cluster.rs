@@ -1,0 +1,243 @@
+//! A cluster of real `busd run` processes on loopback, one per node, sharing
+//! one dev CA; nodes can be killed, stopped and restarted one by one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{busd_path, free_port};
+
+/// How long a node may take to start listening.
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Node {
+    pub id: u64,
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("busd.log")).unwrap_or_default()
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+pub struct Cluster {
+    root: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Start `n` nodes (ids 1..=n), all initial controller voters.
+    pub fn start(n: usize) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("arrowbus-cluster-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let tls_dir = root.path().join("tls");
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        arrowbus_broker::tls::ensure_dev_certificates(&tls_dir, &names)
+            .unwrap_or_else(|e| panic!("dev certificates: {e}"));
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("\"{}@127.0.0.1:{p}\"", i + 1))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let dir = root.path().join(format!("node-{}", i + 1));
+            std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("mkdir: {e}"));
+            let config = format!(
+                "node_id = {id}\ndata_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\n\n\
+                 [tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\n\
+                 [cluster]\npeers = [{peers}]\n",
+                id = i + 1,
+                data = dir.join("data").display().to_string(),
+                cert = tls_dir.join("node.pem").display().to_string(),
+                key = tls_dir.join("node.key").display().to_string(),
+                ca = tls_dir.join("ca.pem").display().to_string(),
+                peers = peers.join(", "),
+            );
+            std::fs::write(dir.join("busd.toml"), config).unwrap_or_else(|e| panic!("config: {e}"));
+            nodes.push(Node {
+                id: (i + 1) as u64,
+                port: *port,
+                dir,
+                child: None,
+            });
+        }
+        let mut c = Cluster { root, nodes };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.wait_listening(i, 0);
+        }
+        c
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.root.path().join("tls").join("ca.pem")
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Node with id `id`.
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// A client that knows every node.
+    pub fn client_config(&self) -> arrowbus::ClientConfig {
+        let mut cfg = arrowbus::ClientConfig::new(self.nodes[0].addr()).with_ca(self.ca());
+        cfg.brokers = self.nodes.iter().map(|n| n.addr()).collect();
+        cfg
+    }
+
+    pub async fn client(&self) -> arrowbus::Client {
+        arrowbus::Client::connect(self.client_config())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the cluster: {e}"))
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("busd.log"))
+            .unwrap_or_else(|e| panic!("busd.log: {e}"));
+        let log2 = log.try_clone().unwrap_or_else(|e| panic!("busd.log: {e}"));
+        let child = Command::new(busd_path())
+            .arg("run")
+            .arg("--config")
+            .arg(node.dir.join("busd.toml"))
+            .env("ARROWBUS_LOG", "info")
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting busd: {e}"));
+        node.child = Some(child);
+    }
+
+    /// Wait until node `i` (index) has logged `busd listening` more than
+    /// `before` times (a restarted node appends to the same log).
+    fn wait_listening(&mut self, i: usize, before: usize) {
+        let start = Instant::now();
+        loop {
+            let node = &mut self.nodes[i];
+            let log = node.log();
+            if log.matches("busd listening").count() > before {
+                return;
+            }
+            if let Some(c) = node.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "node {} exited during start with {status}; log:\n{log}",
+                        node.id
+                    );
+                }
+            }
+            if start.elapsed() > NODE_START_TIMEOUT {
+                panic!(
+                    "node {} did not start in {NODE_START_TIMEOUT:?}; log:\n{log}",
+                    node.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL node `id`: no shutdown code runs.
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(mut c) = self.nodes[(id - 1) as usize].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM node `id` and wait; its exit code.
+    pub fn terminate(&mut self, id: u64) -> Option<i32> {
+        let mut c = self.nodes[(id - 1) as usize].child.take()?;
+        // SAFETY: signalling our own child has no memory effects.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        c.wait().ok().and_then(|s| s.code())
+    }
+
+    /// Start node `id` again on its data directory and port.
+    pub fn restart(&mut self, id: u64) {
+        self.kill9(id);
+        let i = (id - 1) as usize;
+        let before = self.nodes[i].log().matches("busd listening").count();
+        self.spawn(i);
+        self.wait_listening(i, before);
+    }
+
+    /// The nodes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                format!(
+                    "---- node {} (last 40 lines) ----\n{}",
+                    n.id,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// The data records of a partition log on disk (a stopped node's):
+/// (base offset, rows, body CRC) in log order.
+pub fn data_records(partition_dir: &Path) -> Vec<(u64, u32, u32)> {
+    use arrowbus_raft::log::{LogConfig, PartitionLog};
+    let (log, _) = PartitionLog::open(partition_dir, LogConfig::default())
+        .unwrap_or_else(|e| panic!("opening {}: {e}", partition_dir.display()));
+    let mut cursor = log
+        .seek_offset(log.start_offset())
+        .unwrap_or_else(|e| panic!("seek: {e}"));
+    let mut out = Vec::new();
+    while let Some(b) = log
+        .read(&mut cursor, u64::MAX)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", partition_dir.display()))
+    {
+        if b.header.kind == arrowbus_wire::BatchKind::Data {
+            out.push((b.header.base_offset, b.header.row_count, b.header.body_crc));
+        }
+    }
+    log.close();
+    out
+}

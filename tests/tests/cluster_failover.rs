@@ -1,0 +1,339 @@
+//! Replication under process faults, with real `busd` processes: a
+//! three-node cluster, one partition replicated on all three.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use arrowbus::{NewTopic, StartAt, SubscribeOptions};
+use arrowbus_tests::cluster::{data_records, Cluster};
+use arrowbus_tests::{read_all, seed, seqs, ticks};
+use tokio::sync::mpsc;
+
+const ROWS_PER_BATCH: usize = 50;
+
+/// Acks: base offset -> the seq values of the batch acknowledged there.
+type Acked = BTreeMap<u64, Vec<i64>>;
+
+/// Publish to partition 0 until `stop` closes; every ack is reported.
+fn spawn_producer(
+    client: arrowbus::Client,
+    topic: &'static str,
+    mut stop: mpsc::Receiver<()>,
+    acks: mpsc::UnboundedSender<(u64, Vec<i64>)>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let producer = client.producer();
+        let mut next = 0i64;
+        let mut errors = Vec::new();
+        loop {
+            if stop.try_recv().is_ok() {
+                return errors;
+            }
+            let batch = ticks(next, ROWS_PER_BATCH);
+            let sent = seqs(&batch);
+            next += ROWS_PER_BATCH as i64;
+            match producer.publish_to(topic, 0, &batch).await {
+                Ok(ack) => {
+                    assert_eq!(ack.rows as usize, ROWS_PER_BATCH, "ack row count");
+                    let _ = acks.send((ack.base_offset, sent));
+                }
+                // Retries ran out (no leader for the whole delivery
+                // timeout): reported, and the batch does not count as acked.
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    })
+}
+
+async fn leader_of(client: &arrowbus::Client, topic: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(info) = client.admin().describe_topic(topic).await {
+            let l = info.partitions[0].leader;
+            if l != 0 {
+                return l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition 0 of {topic} has no leader after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until at least `n` more acks arrive (publishing resumed by itself).
+async fn await_acks(
+    rx: &mut mpsc::UnboundedReceiver<(u64, Vec<i64>)>,
+    acked: &mut Acked,
+    n: usize,
+    what: &str,
+    cluster: &Cluster,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = 0;
+    while got < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((off, s))) => {
+                if let Some(prev) = acked.insert(off, s) {
+                    panic!("two acks for offset {off} (first: {} rows)", prev.len());
+                }
+                got += 1;
+            }
+            _ => panic!(
+                "{what}: only {got} of {n} acks within 30 s\n{}",
+                cluster.logs()
+            ),
+        }
+    }
+}
+
+/// Every acknowledged batch is at the offsets its ack named, read back from
+/// the current leader.
+async fn check_acked_present(client: &arrowbus::Client, topic: &str, acked: &Acked) {
+    let opts = SubscribeOptions::default()
+        .from(StartAt::Earliest)
+        .partitions(vec![0]);
+    let mut by_offset: BTreeMap<u64, i64> = BTreeMap::new();
+    for d in read_all(client, topic, opts).await {
+        for (i, s) in seqs(&d.batch).into_iter().enumerate() {
+            by_offset.insert(d.offset + i as u64, s);
+        }
+    }
+    for (off, sent) in acked {
+        let got: Vec<i64> = (0..sent.len() as u64)
+            .map(|i| {
+                *by_offset
+                    .get(&(off + i))
+                    .unwrap_or_else(|| panic!("acked offset {} is missing", off + i))
+            })
+            .collect();
+        assert_eq!(
+            &got, sent,
+            "rows at acked offset {off} are not the acknowledged batch"
+        );
+    }
+}
+
+/// Wait until every node's replica of partition 0 has applied its group's
+/// last entry (followers caught up).
+async fn await_replicas_converged(client: &arrowbus::Client, cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut applied = Vec::new();
+        for n in &cluster.nodes {
+            if let Ok(s) = client.admin().node_status(n.id).await {
+                if let Some(g) = s.partitions.iter().find(|g| g.partition == 0) {
+                    applied.push((g.applied, g.last_log_index));
+                }
+            }
+        }
+        let first = applied.first().copied();
+        if applied.len() == cluster.nodes.len()
+            && applied.iter().all(|a| Some(*a) == first && a.0 == a.1)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge in 30 s: {applied:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After the cluster is stopped: every replica's log holds the same data
+/// records, and they cover every acked offset.
+fn check_replicas_identical(cluster: &Cluster, topic_dir_prefix: &str, acked: &Acked) {
+    let mut logs = Vec::new();
+    for n in &cluster.nodes {
+        let topics = n.data_dir().join("topics");
+        let dir = std::fs::read_dir(&topics)
+            .unwrap_or_else(|e| panic!("{}: {e}", topics.display()))
+            .filter_map(|e| e.ok())
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(topic_dir_prefix)
+            })
+            .unwrap_or_else(|| panic!("node {} has no {topic_dir_prefix}* directory", n.id))
+            .path()
+            .join("p-0");
+        logs.push((n.id, data_records(&dir)));
+    }
+    let (first_id, first) = &logs[0];
+    for (id, l) in &logs[1..] {
+        assert_eq!(
+            l.len(),
+            first.len(),
+            "node {id} holds {} data batches, node {first_id} {}",
+            l.len(),
+            first.len()
+        );
+        assert_eq!(l, first, "node {id}'s log differs from node {first_id}'s");
+    }
+    let offsets: std::collections::BTreeSet<u64> = first.iter().map(|r| r.0).collect();
+    for off in acked.keys() {
+        assert!(
+            offsets.contains(off),
+            "acked batch at offset {off} is not in the replicas' logs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acked_batches_survive_leader_kills_on_every_replica() {
+    let seed = seed();
+    let mut cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("ticks").partitions(1).replication_factor(3))
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+
+    let (stop_tx, stop_rx) = mpsc::channel(1);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let producer = spawn_producer(cluster.client().await, "ticks", stop_rx, ack_tx);
+    let mut acked = Acked::new();
+    await_acks(&mut ack_rx, &mut acked, 20, "before any fault", &cluster).await;
+
+    // Kill the partition's leader (varying how long it stays down), three
+    // times; publishing must resume by itself each time.
+    for round in 0..3u64 {
+        let leader = leader_of(&client, "ticks").await;
+        eprintln!("seed {seed}: round {round}: killing leader node {leader}");
+        cluster.kill9(leader);
+        await_acks(
+            &mut ack_rx,
+            &mut acked,
+            20,
+            &format!("after killing leader {leader}"),
+            &cluster,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(
+            100 + (seed.wrapping_add(round) % 5) * 100,
+        ))
+        .await;
+        cluster.restart(leader);
+        await_acks(
+            &mut ack_rx,
+            &mut acked,
+            10,
+            &format!("after restarting node {leader}"),
+            &cluster,
+        )
+        .await;
+    }
+    let _ = stop_tx.send(()).await;
+    let errors = producer
+        .await
+        .unwrap_or_else(|e| panic!("producer task: {e}"));
+    while let Ok((off, s)) = ack_rx.try_recv() {
+        acked.insert(off, s);
+    }
+    assert!(
+        errors.is_empty(),
+        "publishes failed after retries: {errors:?}"
+    );
+
+    check_acked_present(&client, "ticks", &acked).await;
+    await_replicas_converged(&client, &cluster).await;
+    client.close().await;
+    for id in 1..=3 {
+        assert_eq!(
+            cluster.terminate(id),
+            Some(0),
+            "node {id} did not shut down cleanly\n{}",
+            cluster.logs()
+        );
+    }
+    check_replicas_identical(&cluster, "ticks-", &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_kill9_and_restart_keeps_acked_batches() {
+    let mut cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("ticks").partitions(1).replication_factor(3))
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    let producer = client.producer();
+    let mut acked = Acked::new();
+    for i in 0..40 {
+        let batch = ticks(i * ROWS_PER_BATCH as i64, ROWS_PER_BATCH);
+        let ack = producer
+            .publish_to("ticks", 0, &batch)
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+        acked.insert(ack.base_offset, seqs(&batch));
+    }
+    client.close().await;
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    for id in 1..=3 {
+        cluster.restart(id);
+    }
+    let client = cluster.client().await;
+    check_acked_present(&client, "ticks", &acked).await;
+    let offsets: Vec<u64> = acked.keys().copied().collect();
+    let expected: Vec<u64> = (0..40).map(|i| i * ROWS_PER_BATCH as u64).collect();
+    assert_eq!(
+        offsets, expected,
+        "acks of a sequential producer are contiguous"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_controller_state_is_rebuilt_from_the_raft_log() {
+    let mut cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    for (name, parts) in [("alpha", 2u32), ("beta", 3)] {
+        client
+            .admin()
+            .create_topic(NewTopic::new(name).partitions(parts).replication_factor(3))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", cluster.logs()));
+    }
+    client.close().await;
+    // Node 2 loses its sled files while down.
+    assert_eq!(cluster.terminate(2), Some(0));
+    let sled_dir = cluster
+        .node(2)
+        .data_dir()
+        .join("controller")
+        .join("state.sled");
+    assert!(sled_dir.exists(), "{} should exist", sled_dir.display());
+    std::fs::remove_dir_all(&sled_dir).unwrap_or_else(|e| panic!("removing sled: {e}"));
+    cluster.restart(2);
+    // Ask node 2 alone: it must serve the same metadata as before.
+    let only2 = arrowbus::Client::connect(
+        arrowbus::ClientConfig::new(cluster.node(2).addr()).with_ca(cluster.ca()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connecting to node 2: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let topics = only2.admin().list_topics().await.unwrap_or_default();
+        let mut got: Vec<(String, usize)> = topics
+            .iter()
+            .map(|t| (t.name.clone(), t.partitions.len()))
+            .collect();
+        got.sort();
+        if got == vec![("alpha".to_owned(), 2), ("beta".to_owned(), 3)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 lists {got:?} after rebuilding\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

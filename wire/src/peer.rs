@@ -1,0 +1,145 @@
+//! Node-to-node messages: the Raft RPCs of every Raft group a node hosts,
+//! multiplexed over one QUIC connection per peer (ALPN [`PEER_ALPN`]). One RPC
+//! per bidirectional stream: a [`PeerRequest`] frame, answered by one
+//! [`PeerResponse`] frame.
+//!
+//! These types are plain data, independent of the consensus library: the
+//! `raft` crate converts them to and from openraft's types, so a library
+//! upgrade never changes the bytes between nodes.
+//!
+//! An append request carries entry metadata in the control section and the
+//! entries' bodies, concatenated in entry order, as the frame body; each
+//! [`WireEntry::Data`] says how many body bytes are its own.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// ALPN of node-to-node connections. Clients that offer only
+/// [`crate::frame::ALPN`] never reach the Raft handlers.
+pub const PEER_ALPN: &[u8] = b"arrowbus-peer/1";
+
+/// Group 0 is the controller group; partition groups are numbered by
+/// [`partition_group`].
+pub const CONTROLLER_GROUP: u64 = 0;
+
+/// The Raft group id of a topic partition: the topic's id (assigned by the
+/// controller, never reused) in the high 32 bits, the partition in the low.
+pub fn partition_group(topic_id: u32, partition: u32) -> u64 {
+    (u64::from(topic_id) << 32) | u64::from(partition)
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLogId {
+    pub term: u64,
+    pub leader: u64,
+    pub index: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireVote {
+    pub term: u64,
+    pub node: u64,
+    pub committed: bool,
+}
+
+/// A Raft membership: one or two (joint) voter sets, plus every node
+/// (voters and learners) with its address.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct WireMembership {
+    pub configs: Vec<Vec<u64>>,
+    pub nodes: Vec<(u64, String)>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WireEntry {
+    Blank(WireLogId),
+    Membership(WireLogId, WireMembership),
+    /// An application entry: its encoded 80-byte batch header (the
+    /// controller's commands are batches of kind `Raft`) and the length of
+    /// its body within the frame body.
+    Data {
+        log_id: WireLogId,
+        header: Vec<u8>,
+        body_len: u32,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AppendRequest {
+    pub vote: WireVote,
+    pub prev_log_id: Option<WireLogId>,
+    pub leader_commit: Option<WireLogId>,
+    pub entries: Vec<WireEntry>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum AppendResponse {
+    Success,
+    PartialSuccess(Option<WireLogId>),
+    Conflict,
+    HigherVote(WireVote),
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VoteRequest {
+    pub vote: WireVote,
+    pub last_log_id: Option<WireLogId>,
+    pub leadership_transfer: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VoteResponse {
+    pub vote: WireVote,
+    pub vote_granted: bool,
+    pub last_log_id: Option<WireLogId>,
+}
+
+/// A whole snapshot: a partition's or the controller's small state at a
+/// log position. Its data is the frame body.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub vote: WireVote,
+    pub last_log_id: Option<WireLogId>,
+    pub membership_log_id: Option<WireLogId>,
+    pub membership: WireMembership,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TransferLeaderRequest {
+    pub from_leader: WireVote,
+    pub to: u64,
+    pub last_log_id: Option<WireLogId>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum PeerRpc {
+    Append(AppendRequest),
+    Vote(VoteRequest),
+    PreVote(VoteRequest),
+    Snapshot(SnapshotRequest),
+    TransferLeader(TransferLeaderRequest),
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PeerRequest {
+    /// The sender's node id (checked against the group's membership by Raft).
+    pub from: u64,
+    pub group: u64,
+    pub rpc: PeerRpc,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum PeerResponse {
+    Append(AppendResponse),
+    Vote(VoteResponse),
+    /// Snapshot installed; the receiver's vote.
+    Snapshot(WireVote),
+    /// The receiver accepted the leadership hand-over.
+    TransferLeaderDone,
+    /// The RPC was not handled: unknown group (not created here yet, or
+    /// removed), the node is shutting down, or the request was malformed.
+    /// `code` is an [`crate::ErrorCode`].
+    Error {
+        code: u16,
+        message: String,
+    },
+}
