@@ -8,6 +8,7 @@
 //! - `smoke`: a few seconds of every workload; exits 1 on loss or errors.
 
 mod disk;
+mod failover;
 mod latency;
 mod report;
 mod run;
@@ -58,6 +59,9 @@ enum Cmd {
     Disk(DiskArgs),
     /// A few seconds of every workload at small sizes; exit 1 on loss, errors or no deliveries.
     Smoke(SmokeArgs),
+    /// Kill a 3-replica partition's leader repeatedly in a local 3-node
+    /// cluster; report the time to the first ack on the new leader.
+    Failover(failover::FailoverArgs),
 }
 
 #[derive(Args, Clone)]
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
         Cmd::Backlog(a) => cmd_backlog(a).map(|()| true),
         Cmd::Disk(a) => cmd_disk(a).map(|()| true),
         Cmd::Smoke(a) => cmd_smoke(a),
+        Cmd::Failover(a) => failover::cmd_failover(a).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

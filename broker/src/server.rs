@@ -52,7 +52,16 @@ pub struct Broker {
     connections: AtomicUsize,
     /// Publishes enqueued and not yet answered: what a graceful shutdown waits for.
     inflight_publishes: AtomicUsize,
+    /// Test-only: acknowledge publishes before they commit (see [`UNSAFE_ACK_ENV`]).
+    unsafe_ack_before_commit: bool,
 }
+
+/// Setting this environment variable to `1` makes busd acknowledge publishes
+/// as soon as they are proposed, before any replica (the leader included)
+/// has fsynced them. It exists only so that the fault-injection harness
+/// (`jepsen-like`) can prove it detects lost acknowledged writes; it breaks
+/// the durability promise and must never be set in production.
+pub const UNSAFE_ACK_ENV: &str = "ARROWBUS_UNSAFE_ACK_BEFORE_COMMIT";
 
 impl Broker {
     pub fn new(config: BrokerConfig, topics: Arc<Topics>) -> Arc<Self> {
@@ -62,6 +71,13 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             inflight_publishes: AtomicUsize::new(0),
+            unsafe_ack_before_commit: {
+                let on = std::env::var(UNSAFE_ACK_ENV).is_ok_and(|v| v == "1");
+                if on {
+                    warn!("{UNSAFE_ACK_ENV}=1: publishes are acknowledged BEFORE they are durable or replicated; acknowledged data WILL be lost on failures. Test use only.");
+                }
+                on
+            },
         })
     }
 
@@ -328,8 +344,20 @@ impl Broker {
             let mut client_gone = false;
             while let Some((p, res)) = rx.recv().await {
                 let reply = match res {
+                    Ok(proposal) if broker.unsafe_ack_before_commit => {
+                        // Test-only (see UNSAFE_ACK_ENV): answer now and let
+                        // replication happen, or not, afterwards.
+                        broker.inflight_publishes.fetch_sub(1, Ordering::SeqCst);
+                        ServerMessage::Ack(Ack {
+                            request_id: p.request_id,
+                            partition: p.partition,
+                            base_offset: proposal.predicted_base_offset,
+                            rows: proposal.rows,
+                            timestamp_ms: proposal.timestamp_ms,
+                        })
+                    }
                     Ok(proposal) => {
-                        let r = proposal.await;
+                        let r = proposal.rx.await;
                         broker.inflight_publishes.fetch_sub(1, Ordering::SeqCst);
                         let what = format!("partition {}/{}", p.topic, p.partition);
                         match r {
@@ -438,6 +466,7 @@ impl Broker {
         let partition = topic.partition(p.partition)?.clone();
         // Before the expensive checks: a follower redirects at once.
         partition.ensure_leader()?;
+        partition.ensure_space(record.len() as u64)?;
         let header = BatchHeader::decode(&record)
             .map_err(|e| BrokerError::new(ErrorCode::CorruptBatch, e.to_string()))?;
         let body = record.slice(BATCH_HEADER_BYTES..);

@@ -34,6 +34,20 @@ use crate::controller::{
 use crate::error::BrokerError;
 use crate::ipc::{self, TopicSchema};
 
+/// Free space a partition's file system keeps in reserve: Raft's own
+/// entries, segment headers and index files must always fit.
+pub const MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Bytes available to this process on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed out-struct.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| (st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Topics with a schema use schema id 1 (schemas never change in place).
 const SCHEMA_ID: u32 = 1;
 /// How long an admin request waits for the new state to be applied here.
@@ -48,11 +62,19 @@ pub struct Partition {
     node_id: NodeId,
     /// Last assigned append time (leader side): timestamps never go backwards
     /// within a leader's term, so seeking by time can binary-search the log.
-    last_ts: Mutex<i64>,
+    /// With it, the offset after the last proposed batch.
+    last_ts: Mutex<(i64, u64)>,
 }
 
-/// Completes when a proposed batch is committed and applied.
-pub type Proposal = oneshot::Receiver<openraft_result::WriteResult>;
+/// A proposed batch: `rx` completes when it is committed and applied.
+pub struct Proposal {
+    pub rx: oneshot::Receiver<openraft_result::WriteResult>,
+    /// Where the batch will land if nothing else is proposed in between
+    /// (for the test-only unsafe mode that acknowledges before commit).
+    pub predicted_base_offset: u64,
+    pub rows: u32,
+    pub timestamp_ms: i64,
+}
 
 /// Re-exported result type of a proposal, kept behind one name.
 pub mod openraft_result {
@@ -76,6 +98,26 @@ impl Partition {
         self.group.raft.metrics().borrow_watched().current_leader
     }
 
+    /// `StorageFull` when the partition's file system cannot take `bytes`
+    /// more while keeping [`MIN_FREE_BYTES`] free. Checked before proposing:
+    /// openraft treats a failed log write as fatal for the group, so the
+    /// broker stops accepting data before the disk is actually full.
+    pub fn ensure_space(&self, bytes: u64) -> Result<(), BrokerError> {
+        let Some(free) = free_bytes(self.log().dir()) else {
+            return Ok(());
+        };
+        if free < bytes.saturating_add(MIN_FREE_BYTES) {
+            return Err(BrokerError::new(
+                ErrorCode::StorageFull,
+                format!(
+                    "the broker's disk is full ({} has {free} bytes free, the broker keeps {MIN_FREE_BYTES} in reserve); nothing was stored. Free space and retry",
+                    self.log().dir().display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `NotLeader` unless this replica leads its group.
     pub fn ensure_leader(&self) -> Result<(), BrokerError> {
         let m = self.group.raft.metrics().borrow_watched().clone();
@@ -96,12 +138,15 @@ impl Partition {
         body: Bytes,
     ) -> Result<Proposal, BrokerError> {
         self.ensure_leader()?;
-        {
+        let predicted_base_offset = {
             let mut last = self.last_ts.lock().unwrap_or_else(|p| p.into_inner());
-            let ts = now_ms().max(*last);
+            let ts = now_ms().max(last.0);
             header.timestamp_ms = ts;
-            *last = ts;
-        }
+            let base = last.1.max(self.log().last_enqueued().next_offset);
+            *last = (ts, base + header.offset_count());
+            base
+        };
+        let (rows, timestamp_ms) = (header.row_count, header.timestamp_ms);
         let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
         self.group
             .raft
@@ -111,7 +156,12 @@ impl Partition {
             .map_err(|e| {
                 BrokerError::new(ErrorCode::ShuttingDown, format!("partition stopped: {e}"))
             })?;
-        Ok(rx)
+        Ok(Proposal {
+            rx,
+            predicted_base_offset,
+            rows,
+            timestamp_ms,
+        })
     }
 
     pub fn info(&self) -> PartitionInfo {
@@ -471,7 +521,7 @@ impl Topics {
             replicas: replicas.to_vec(),
             group,
             node_id: self.node_id,
-            last_ts: Mutex::new(last_ts),
+            last_ts: Mutex::new((last_ts, 0)),
         })
     }
 

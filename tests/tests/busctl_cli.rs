@@ -164,7 +164,8 @@ fn topics_create_list_describe_delete_in_table_and_json() {
         assert_eq!(part["earliest_offset"], 0);
         assert_eq!(part["latest_offset"], 0);
         assert_eq!(part["rows"], 0);
-        assert_eq!(part["batches"], 0);
+        // Log entries: none of data, only Raft's own (election, membership).
+        assert!(part["batches"].as_u64().is_some_and(|b| b <= 3), "{part}");
         assert!(
             part["replicas"].is_array() && part["leader"].is_u64(),
             "{part}"
@@ -185,6 +186,7 @@ fn topics_create_list_describe_delete_in_table_and_json() {
             "PARTITION",
             "LEADER",
             "REPLICAS",
+            "IN-SYNC",
             "EARLIEST",
             "LATEST",
             "ROWS",
@@ -489,7 +491,9 @@ fn from_offset_slices_mid_batch_and_max_rows_slices_the_last_batch() {
     assert_eq!(json_seqs(&rows), (18..25).collect::<Vec<_>>());
     let d = ok_json(&b, &["topics", "describe", "ticks", "--output", "json"]);
     assert_eq!(d["partitions"][0]["latest_offset"], 25, "{d}");
-    assert_eq!(d["partitions"][0]["batches"], 3, "{d}");
+    // Three data batches plus Raft's own entries (election, membership).
+    let entries = d["partitions"][0]["batches"].as_u64().unwrap_or(0);
+    assert!((3..=6).contains(&entries), "{d}");
 }
 
 #[test]

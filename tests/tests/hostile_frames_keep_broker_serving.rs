@@ -165,8 +165,8 @@ async fn garbage_after_a_valid_publish_ends_only_that_stream() {
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::SchemaMismatch), "{e}");
     let info = client.admin().describe_topic("t").await.unwrap();
+    // One row stored: the refused batches took no offsets.
     assert_eq!(info.partitions[0].latest_offset, 1);
-    assert_eq!(info.partitions[0].batches, 1);
 }
 
 /// Read one frame from a raw subscription stream, or None if nothing

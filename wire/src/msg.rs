@@ -171,9 +171,11 @@ pub struct PartitionInfo {
     pub in_sync: Vec<u64>,
     /// First retained offset.
     pub earliest_offset: u64,
-    /// Next offset to be assigned (the high watermark on a single node).
+    /// The high watermark: the offset after the last committed batch.
     pub latest_offset: u64,
     pub bytes: u64,
+    /// Log entries retained: data batches plus the partition's Raft entries
+    /// (one per leader election, one per membership change).
     pub batches: u64,
 }
 

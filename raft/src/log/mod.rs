@@ -717,6 +717,11 @@ impl PartitionLog {
         }
     }
 
+    /// The directory holding this log's segment files.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// The position just before the first retained entry: its log id is the
     /// last purged one (what Raft calls `last_purged_log_id`).
     pub fn purged_position(&self) -> LogPosition {
