@@ -5,8 +5,12 @@
 //!   publish→deliver latency at fixed offered rates (no coordinated omission);
 //! - `backlog`: publish N GB with a slow subscriber, record busd's peak RSS;
 //! - `disk`: `dd` bandwidth and append+fdatasync rates of a directory;
-//! - `smoke`: a few seconds of every workload; exits 1 on loss or errors.
+//! - `smoke`: a few seconds of every workload; exits 1 on loss or errors;
+//! - `compare`: the same phases against Kafka, NATS JetStream and Redis
+//!   Streams, started on loopback (see `compare`).
 
+mod bus;
+mod compare;
 mod disk;
 mod failover;
 mod latency;
@@ -62,6 +66,9 @@ enum Cmd {
     /// Kill a 3-replica partition's leader repeatedly in a local 3-node
     /// cluster; report the time to the first ack on the new leader.
     Failover(failover::FailoverArgs),
+    /// arrowbus side by side with Apache Kafka, NATS JetStream and Redis
+    /// Streams on this machine (peers need `--features compare`).
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Args, Clone)]
@@ -225,6 +232,7 @@ fn main() -> ExitCode {
         Cmd::Disk(a) => cmd_disk(a).map(|()| true),
         Cmd::Smoke(a) => cmd_smoke(a),
         Cmd::Failover(a) => failover::cmd_failover(a).map(|()| true),
+        Cmd::Compare(a) => compare::cmd_compare(a).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -305,7 +313,8 @@ impl Target {
     /// Final memory figures and shutdown.
     fn finish(&mut self, rss: Option<&RssWatch>) {
         if let Some(pid) = self.pid {
-            if let Ok(s) = spawn::proc_stats(pid) {
+            let s = spawn::group_stats(&[pid]);
+            if s.vm_hwm_kb > 0 {
                 self.info.peak_rss_kb = Some(s.vm_hwm_kb);
             }
         }
@@ -397,7 +406,7 @@ fn print_phase(p: &PhaseResult) {
 async fn connect(
     t: &Target,
 ) -> anyhow::Result<(
-    arrowbus::Client,
+    bus::Arrowbus,
     Option<BrokerWatch>,
     Option<tokio::task::JoinHandle<()>>,
 )> {
@@ -406,12 +415,22 @@ async fn connect(
         .context("connecting to the broker")?;
     let (watch, task) = match t.pid {
         Some(pid) => {
-            let (w, task) = RssWatch::spawn(pid, Instant::now());
-            (Some(BrokerWatch { pid, rss: w }), Some(task))
+            let (w, task) = RssWatch::spawn(vec![pid], Instant::now());
+            (
+                Some(BrokerWatch {
+                    pids: vec![pid],
+                    rss: w,
+                }),
+                Some(task),
+            )
         }
         None => (None, None),
     };
-    Ok((client, watch, task))
+    let bus = bus::Arrowbus {
+        client,
+        replication_factor: 1,
+    };
+    Ok((bus, watch, task))
 }
 
 fn cmd_run(a: RunArgs) -> anyhow::Result<()> {
@@ -421,11 +440,11 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<()> {
     let disk = disk_baseline(target.data_dir.as_deref(), &a.disk, &mut notes);
     let rt = runtime()?;
     let (phases, watch) = rt.block_on(async {
-        let (client, watch, task) = connect(&target).await?;
+        let (bus, watch, task) = connect(&target).await?;
         let mut phases = Vec::new();
         for size in &a.sizes {
             let cfg = phase(format!("{}-max", size.slug()), *size, None, Limit::Duration(a.duration), &a.target);
-            let max = run::run_phase(&client, watch.as_ref(), &cfg).await?;
+            let max = run::run_phase(&bus, watch.as_ref(), &cfg).await?;
             print_phase(&max);
             let capacity = (max.acked > 0).then(|| max.acked_batches_per_s());
             phases.push(max);
@@ -441,12 +460,12 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 let cfg = phase(format!("{}-{rate:.0}ps", size.slug()), *size, Some(rate), Limit::Duration(a.duration), &a.target);
-                let p = run::run_phase(&client, watch.as_ref(), &cfg).await?;
+                let p = run::run_phase(&bus, watch.as_ref(), &cfg).await?;
                 print_phase(&p);
                 phases.push(p);
             }
         }
-        client.close().await;
+        bus.client.close().await;
         if let Some(t) = task {
             t.abort();
         }
@@ -488,7 +507,7 @@ fn cmd_backlog(a: BacklogArgs) -> anyhow::Result<()> {
     let bytes = (a.gb * 1e9) as u64;
     let rt = runtime()?;
     let (phases, watch) = rt.block_on(async {
-        let (client, watch, task) = connect(&target).await?;
+        let (bus, watch, task) = connect(&target).await?;
         let mut cfg = phase(
             format!("backlog-{}", a.size.slug()),
             a.size,
@@ -500,9 +519,9 @@ fn cmd_backlog(a: BacklogArgs) -> anyhow::Result<()> {
         cfg.wait_for_delivery = false;
         cfg.hold_after = a.hold;
         cfg.keep_topic = true;
-        let p = run::run_phase(&client, watch.as_ref(), &cfg).await?;
+        let p = run::run_phase(&bus, watch.as_ref(), &cfg).await?;
         print_phase(&p);
-        client.close().await;
+        bus.client.close().await;
         if let Some(t) = task {
             t.abort();
         }
@@ -578,7 +597,7 @@ fn cmd_smoke(a: SmokeArgs) -> anyhow::Result<bool> {
     };
     let rt = runtime()?;
     let outcome = rt.block_on(async {
-        let (client, watch, task) = connect(&target).await?;
+        let (bus, watch, task) = connect(&target).await?;
         let mut phases = Vec::new();
         for size in &a.sizes {
             let d = Limit::Duration(a.duration);
@@ -587,7 +606,7 @@ fn cmd_smoke(a: SmokeArgs) -> anyhow::Result<bool> {
                 (format!("smoke-{}-paced", size.slug()), Some(a.rate)),
             ] {
                 let p = run::run_phase(
-                    &client,
+                    &bus,
                     watch.as_ref(),
                     &phase(name, *size, rate, d, &a.target),
                 )
@@ -605,10 +624,10 @@ fn cmd_smoke(a: SmokeArgs) -> anyhow::Result<bool> {
             &a.target,
         );
         cfg.subscriber_delay = Some(Duration::from_millis(2));
-        let p = run::run_phase(&client, watch.as_ref(), &cfg).await?;
+        let p = run::run_phase(&bus, watch.as_ref(), &cfg).await?;
         print_phase(&p);
         phases.push(p);
-        client.close().await;
+        bus.client.close().await;
         if let Some(t) = task {
             t.abort();
         }

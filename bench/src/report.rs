@@ -483,7 +483,7 @@ impl Report {
     }
 }
 
-fn phase_json(p: &PhaseResult) -> Value {
+pub fn phase_json(p: &PhaseResult) -> Value {
     json!({
         "name": p.name,
         "batch": p.size_label,
@@ -587,7 +587,7 @@ fn cpu(s: Option<f64>, wall: f64) -> String {
     }
 }
 
-fn mem(kb: Option<u64>) -> String {
+pub fn mem(kb: Option<u64>) -> String {
     match kb {
         None => "unknown".into(),
         Some(k) if k >= 1024 * 1024 => format!("{:.1} GiB", k as f64 / (1024.0 * 1024.0)),

@@ -1,12 +1,12 @@
-//! One measured phase against a broker: a fresh topic, a subscriber from its
-//! start, a paced (or closed-loop) publisher, and the accounting of what was
-//! sent, acknowledged and delivered.
+//! One measured phase against a bus (arrowbus or a peer, see `bus`): a fresh
+//! topic, a subscriber from its start, a paced (or closed-loop) publisher,
+//! and the accounting of what was sent, acknowledged and delivered.
 //!
 //! Threads and tasks of a phase:
 //! - the *pacer*, a plain OS thread: it sleeps until each batch's intended
 //!   time with `thread::sleep` (sub-100 µs precision; tokio's timer wheel
 //!   rounds to 1 ms, which would itself add up to a millisecond to every
-//!   latency at 1,000 batches/s) and then drives `Producer::send` on the
+//!   latency at 1,000 batches/s) and then drives `Publisher::send` on the
 //!   runtime through `Handle::block_on`;
 //! - the *ack collector* task: awaits every `PendingAck`;
 //! - the *subscriber* task: takes deliveries and records latencies.
@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arrowbus::{Client, NewTopic, PendingAck, StartAt, SubscribeOptions};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::bus::{AckFut, Bus, Deliveries, Publisher};
 use crate::latency::{intended_offset, Clock, Latency, Summary};
-use crate::spawn::{proc_stats, RssWatch};
+use crate::spawn::{group_stats, proc_stats, RssWatch};
 use crate::workload::{identify, SizeSpec, Template};
 
 /// Error messages kept per phase; the rest are only counted.
@@ -76,10 +76,11 @@ pub struct PhaseConfig {
     pub keep_topic: bool,
 }
 
-/// The broker process being measured, when busbench can see it.
+/// The broker processes being measured (each with its descendants), when
+/// busbench can see them.
 #[derive(Clone)]
 pub struct BrokerWatch {
-    pub pid: u32,
+    pub pids: Vec<u32>,
     pub rss: Arc<RssWatch>,
 }
 
@@ -179,7 +180,7 @@ struct PacerOutcome {
 struct Sent {
     seq: u64,
     intended: Instant,
-    ack: PendingAck,
+    ack: AckFut,
 }
 
 struct AckOutcome {
@@ -202,46 +203,37 @@ struct SubOutcome {
 
 /// Run one phase on a fresh topic; the topic is deleted afterwards.
 pub async fn run_phase(
-    client: &Client,
+    bus: &dyn Bus,
     broker: Option<&BrokerWatch>,
     cfg: &PhaseConfig,
 ) -> anyhow::Result<PhaseResult> {
     let size = cfg.size;
     let template = Arc::new(tokio::task::spawn_blocking(move || Template::new(size)).await??);
-    let topic = format!("busbench-{}-{}", std::process::id(), cfg.name);
-    client
-        .admin()
-        .create_topic(
-            NewTopic::new(topic.clone())
-                .partitions(cfg.partitions)
-                .schema(template.schema().as_ref().clone()),
-        )
-        .await
-        .with_context(|| format!("creating topic {topic}"))?;
-    let result = measure(client, broker, cfg, &topic, template).await;
+    // Names valid on every bus: Kafka topics, NATS streams and subjects, Redis keys.
+    let topic = format!("busbench-{}-{}", std::process::id(), cfg.name).replace('.', "_");
+    bus.create(&topic, &template.schema(), cfg.partitions)
+        .await?;
+    let result = measure(bus, broker, cfg, &topic, template).await;
     if !cfg.keep_topic {
-        if let Err(e) = client.admin().delete_topic(&topic).await {
-            eprintln!("busbench: could not delete topic {topic}: {e}");
+        if let Err(e) = bus.delete(&topic).await {
+            eprintln!("busbench: could not delete topic {topic}: {e:#}");
         }
     }
     result
 }
 
 async fn measure(
-    client: &Client,
+    bus: &dyn Bus,
     broker: Option<&BrokerWatch>,
     cfg: &PhaseConfig,
     topic: &str,
     template: Arc<Template>,
 ) -> anyhow::Result<PhaseResult> {
-    let sub = client
-        .subscribe(topic, SubscribeOptions::default().from(StartAt::Earliest))
-        .await
-        .with_context(|| format!("subscribing to {topic}"))?;
+    let sub = bus.subscribe(topic, &template.schema()).await?;
 
-    let broker_before = broker.and_then(|b| {
-        b.rss.reset_phase(b.pid);
-        proc_stats(b.pid).ok()
+    let broker_before = broker.map(|b| {
+        b.rss.reset_phase(&b.pids);
+        group_stats(&b.pids)
     });
     let client_before = proc_stats(std::process::id()).ok();
     let clock = Clock::now();
@@ -263,20 +255,25 @@ async fn measure(
     let ack_task = tokio::spawn(collect_acks(ack_rx, cfg.drain_timeout, Latency::new()?));
 
     // Pacer.
-    // The producer outlives the pacer: dropping it aborts its ack readers,
-    // which fails every still-pending ack ("outcome unknown") although the
-    // batches are stored.
-    let producer = client.producer();
+    // The publisher outlives the pacer: dropping it may abort its ack
+    // readers, which fails every still-pending ack ("outcome unknown")
+    // although the batches are stored.
+    let producer = bus.publisher(topic).await?;
     let pacer = {
         let producer = producer.clone();
         let handle = tokio::runtime::Handle::current();
-        let (topic, template, rate, limit) =
-            (topic.to_owned(), template.clone(), cfg.rate, cfg.limit);
+        let (template, rate, limit) = (template.clone(), cfg.rate, cfg.limit);
         std::thread::Builder::new()
             .name("busbench-pacer".into())
             .spawn(move || {
                 pace(
-                    &handle, &producer, &topic, &template, clock, rate, limit, ack_tx,
+                    &handle,
+                    producer.as_ref(),
+                    &template,
+                    clock,
+                    rate,
+                    limit,
+                    ack_tx,
                 )
             })
             .context("starting the pacer thread")?
@@ -302,7 +299,7 @@ async fn measure(
     let subs = sub_task.await.context("the subscriber task failed")?;
     let wall_secs = clock.start.elapsed().as_secs_f64();
 
-    let broker_after = broker.and_then(|b| proc_stats(b.pid).ok());
+    let broker_after = broker.map(|b| group_stats(&b.pids));
     let client_after = proc_stats(std::process::id()).ok();
     // A backlog run's slow subscriber is expected to be behind: what it has
     // not reached yet is not lost.
@@ -358,11 +355,9 @@ async fn measure(
     })
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 fn pace(
     handle: &tokio::runtime::Handle,
-    producer: &arrowbus::Producer,
-    topic: &str,
+    producer: &dyn Publisher,
     template: &Template,
     clock: Clock,
     rate: Option<f64>,
@@ -409,7 +404,7 @@ fn pace(
         out.lag
             .record(Instant::now().saturating_duration_since(intended));
         let batch = template.stamp(seq, clock.micros_of(intended))?;
-        match handle.block_on(producer.send(topic, None, &batch)) {
+        match handle.block_on(producer.send(&batch)) {
             Ok(ack) => {
                 out.sent += 1;
                 out.last_send = Some(Instant::now());
@@ -420,7 +415,7 @@ fn pace(
             Err(e) => {
                 out.errors_total += 1;
                 if out.errors.len() < MAX_KEPT_ERRORS {
-                    out.errors.push(format!("send #{seq}: {e}"));
+                    out.errors.push(format!("send #{seq}: {e:#}"));
                 }
                 if out.errors_total >= MAX_SEND_ERRORS {
                     break;
@@ -469,7 +464,7 @@ async fn collect_acks(
                 Err(e) => {
                     out.errors_total += 1;
                     if out.errors.len() < MAX_KEPT_ERRORS {
-                        out.errors.push(format!("ack #{seq}: {e}"));
+                        out.errors.push(format!("ack #{seq}: {e:#}"));
                     }
                 }
             },
@@ -482,7 +477,7 @@ async fn collect_acks(
 }
 
 async fn subscribe_loop(
-    mut sub: arrowbus::Subscriber,
+    mut sub: Box<dyn Deliveries>,
     clock: Clock,
     count: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
@@ -505,7 +500,7 @@ async fn subscribe_loop(
         let d = match d {
             Some(Ok(d)) => d,
             Some(Err(e)) => {
-                out.error = Some(e.to_string());
+                out.error = Some(format!("{e:#}"));
                 break;
             }
             None => {
@@ -514,7 +509,7 @@ async fn subscribe_loop(
             }
         };
         let now = Instant::now();
-        match identify(&d.batch) {
+        match identify(&d) {
             Ok((seq, _)) if seq >= MAX_SEQ_PER_PHASE => {
                 out.error = Some(format!(
                     "delivered batch claims sequence number {seq}, beyond any this phase sends"

@@ -154,33 +154,39 @@ impl Busd {
 
     /// SIGTERM, wait, SIGKILL if needed. Returns how busd exited.
     pub fn stop(&mut self) -> anyhow::Result<String> {
-        let Some(mut child) = self.child.take() else {
-            return Ok("already exited".into());
-        };
-        let pid = libc::pid_t::try_from(child.id()).context("busd pid out of range")?;
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
-        // own child, which has not been reaped (we still hold its Child), so
-        // it cannot have been recycled for another process.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        if rc != 0 {
+        match self.child.take() {
+            Some(child) => terminate(child, SHUTDOWN_TIMEOUT),
+            None => Ok("already exited".into()),
+        }
+    }
+}
+
+/// SIGTERM a child of ours, wait up to `timeout`, then SIGKILL. Returns how
+/// it exited.
+pub fn terminate(mut child: Child, timeout: Duration) -> anyhow::Result<String> {
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
+    // own child, which has not been reaped (we still hold its Child), so
+    // it cannot have been recycled for another process.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if rc != 0 {
+        let _ = child.kill();
+        let status = child.wait().context("waiting for the process")?;
+        return Ok(format!("SIGTERM failed, killed ({status})"));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the process")? {
+            return Ok(format!("exited after SIGTERM ({status})"));
+        }
+        if Instant::now() > deadline {
             let _ = child.kill();
-            let status = child.wait().context("waiting for busd")?;
-            return Ok(format!("SIGTERM failed, killed ({status})"));
+            let status = child.wait().context("waiting for the process")?;
+            return Ok(format!(
+                "did not exit within {timeout:?} of SIGTERM; killed ({status})"
+            ));
         }
-        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().context("waiting for busd")? {
-                return Ok(format!("exited after SIGTERM ({status})"));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let status = child.wait().context("waiting for busd")?;
-                return Ok(format!(
-                    "did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM; killed ({status})"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -194,7 +200,7 @@ impl Drop for Busd {
 }
 
 /// A UDP port that was free a moment ago (bind to port 0, read, release).
-fn free_udp_port() -> anyhow::Result<u16> {
+pub fn free_udp_port() -> anyhow::Result<u16> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
     Ok(s.local_addr().context("reading the bound port")?.port())
 }
@@ -228,6 +234,48 @@ pub fn status_field_kb(status: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// The process `pid` and all its descendants (a `busd dev --nodes 3`
+/// parent and its nodes; a wrapper script and its server). Best effort: a
+/// process that exits meanwhile is skipped.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    // Bounded: a tree larger than this is not one of our servers.
+    while i < out.len() && out.len() < 4096 {
+        let p = out[i];
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// RSS, peak RSS and CPU summed over `pids` and their descendants: the
+/// server side of a run, whether one process or a three-node cluster.
+pub fn group_stats(pids: &[u32]) -> ProcStats {
+    let mut all: Vec<u32> = pids.iter().flat_map(|&p| process_tree(p)).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.iter()
+        .filter_map(|&p| proc_stats(p).ok())
+        .fold(ProcStats::default(), |a, s| ProcStats {
+            vm_rss_kb: a.vm_rss_kb + s.vm_rss_kb,
+            vm_hwm_kb: a.vm_hwm_kb + s.vm_hwm_kb,
+            cpu_s: a.cpu_s + s.cpu_s,
+        })
+}
+
 /// utime + stime (fields 14 and 15) from `/proc/<pid>/stat`. The command
 /// name (field 2) may contain spaces and parentheses, so count from the last ')'.
 pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
@@ -249,16 +297,20 @@ pub struct RssWatch {
 }
 
 impl RssWatch {
-    /// Sample `pid` every [`RSS_SAMPLE_PERIOD`] until the returned handle is
-    /// aborted or the process disappears.
-    pub fn spawn(pid: u32, start: Instant) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+    /// Sample the summed RSS of `pids` (and their descendants) every
+    /// [`RSS_SAMPLE_PERIOD`] until the returned handle is aborted or the
+    /// processes are gone.
+    pub fn spawn(pids: Vec<u32>, start: Instant) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let watch = Arc::new(Self::default());
         let w = watch.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(RSS_SAMPLE_PERIOD);
             loop {
                 tick.tick().await;
-                let Ok(s) = proc_stats(pid) else { return };
+                let s = group_stats(&pids);
+                if s.vm_rss_kb == 0 {
+                    return;
+                }
                 w.phase_max_kb.fetch_max(s.vm_rss_kb, Ordering::Relaxed);
                 w.run_max_kb.fetch_max(s.vm_rss_kb, Ordering::Relaxed);
                 if let Ok(mut v) = w.samples.lock() {
@@ -271,8 +323,8 @@ impl RssWatch {
         (watch, task)
     }
 
-    pub fn reset_phase(&self, pid: u32) {
-        let now = proc_stats(pid).map_or(0, |s| s.vm_rss_kb);
+    pub fn reset_phase(&self, pids: &[u32]) {
+        let now = group_stats(pids).vm_rss_kb;
         self.phase_max_kb.store(now, Ordering::Relaxed);
     }
 }

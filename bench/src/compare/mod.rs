@@ -1,0 +1,614 @@
+//! `busbench compare`: arrowbus side by side with Apache Kafka, NATS
+//! JetStream and Redis Streams on this machine, with the same frames.
+//!
+//! For every repetition, the systems run one after another, the order
+//! rotating between repetitions (so none always runs first or on the hotter
+//! machine). Each system gets freshly started servers in a temporary
+//! directory, a warm-up phase that is thrown away (JIT, page cache,
+//! connections), then per batch size: a closed-loop phase for its maximum
+//! publish throughput, and paced phases at fixed fractions of that maximum
+//! for publish→deliver latency (measured from intended send times: no
+//! coordinated omission). Its servers are stopped before the next system
+//! starts. The report gives medians over repetitions, each number next to
+//! its durability setting.
+//!
+//! The phases are the ones `busbench run` measures (`run::run_phase` over
+//! the `bus::Bus` of each system): same tick batches, same Arrow IPC bodies,
+//! same accounting of loss and latency.
+//!
+//! Peer clients (rdkafka, async-nats, redis) are compiled only with the
+//! `compare` feature; without it the peers are reported as not built.
+
+mod report;
+mod servers;
+
+#[cfg(feature = "compare")]
+mod kafka;
+#[cfg(feature = "compare")]
+mod nats;
+#[cfg(feature = "compare")]
+mod redis_streams;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::bus::{Arrowbus, Bus};
+use crate::latency::parse_duration;
+use crate::report::Environment;
+use crate::run::{self, BrokerWatch, Limit, PhaseConfig, PhaseResult};
+use crate::spawn::{group_stats, RssWatch};
+use crate::workload::SizeSpec;
+
+use servers::{PeerPaths, Servers};
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Peers to measure beside arrowbus: kafka, nats, redis.
+    #[arg(long, value_delimiter = ',', default_value = "kafka,nats,redis")]
+    peers: Vec<Peer>,
+    /// Replication factors: 1 (single node) and/or 3 (three nodes on loopback).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    replicas: Vec<usize>,
+    /// Durability settings of the peers: `default` (each system's own
+    /// default), `strong` (fsync per write: Kafka flush.messages=1, NATS
+    /// sync_interval always, Redis appendfsync always). arrowbus always
+    /// fsyncs before the ack.
+    #[arg(long, value_delimiter = ',', default_value = "default,strong")]
+    durability: Vec<Durability>,
+    /// The busd binary (default: next to busbench, i.e. target/release/busd).
+    #[arg(long, value_name = "PATH")]
+    busd: Option<PathBuf>,
+    /// Batch sizes: row counts (1, 1000) or encoded sizes (64k, 1m).
+    #[arg(long, value_delimiter = ',', value_parser = SizeSpec::parse, default_value = "1,1000,64k,1m")]
+    sizes: Vec<SizeSpec>,
+    /// Offered rates of the latency phases, in percent of the system's
+    /// maximum just measured for that size.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,80")]
+    load: Vec<f64>,
+    /// Length of each measured phase.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Closed-loop warm-up of each started system, not reported.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    warmup: Duration,
+    /// Repetitions; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Unacknowledged batches a peer producer may have in flight (all
+    /// peers are also held to arrowbus's 64 MiB of unacknowledged bytes).
+    /// arrowbus's own client allows 5 batches per partition.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Where servers keep their data (fresh sub-directories, removed after).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+    /// Where bench/peers/fetch.sh put the peers (its peers.env).
+    #[arg(long, env = "BUSBENCH_PEERS")]
+    peers_dir: Option<PathBuf>,
+    /// Do not run bench/peers/fetch.sh when peers.env is missing.
+    #[arg(long)]
+    no_fetch: bool,
+    /// After publishing, how long to wait for missing acks and deliveries.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    drain_timeout: Duration,
+    /// Report path (.md; the .json and the PNG plots go next to it).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Peer {
+    Kafka,
+    Nats,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Durability {
+    Default,
+    Strong,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum System {
+    Arrowbus,
+    Kafka,
+    Nats,
+    Redis,
+}
+
+/// One system in one configuration: what a row of the report is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Contender {
+    pub replicas: usize,
+    pub system: System,
+    /// Fsync before every ack (arrowbus always).
+    pub strong: bool,
+}
+
+impl Contender {
+    pub fn label(&self) -> String {
+        let r = self.replicas;
+        match (self.system, self.strong) {
+            (System::Arrowbus, _) => format!("arrowbus R{r}"),
+            (System::Kafka, false) => format!("Kafka R{r}"),
+            (System::Kafka, true) => format!("Kafka R{r} flush"),
+            (System::Nats, false) => format!("NATS JetStream R{r}"),
+            (System::Nats, true) => format!("NATS JetStream R{r} sync"),
+            (System::Redis, false) => "Redis everysec".into(),
+            (System::Redis, true) => "Redis always".into(),
+        }
+    }
+
+    /// When an ack is sent, in words: stated next to every number.
+    pub fn durability(&self) -> String {
+        let quorum = if self.replicas > 1 {
+            format!(" on a quorum (2 of {})", self.replicas)
+        } else {
+            String::new()
+        };
+        match (self.system, self.strong) {
+            (System::Arrowbus, _) => format!("fsync always: ack after fdatasync{quorum}"),
+            (System::Kafka, false) => format!(
+                "acks=all, idempotent; Kafka default: no fsync, ack after the page cache{}",
+                if self.replicas > 1 { " of all in-sync replicas (min.insync.replicas=2)" } else { "" }
+            ),
+            (System::Kafka, true) => format!(
+                "acks=all, idempotent, flush.messages=1: every replica fsyncs each append{}",
+                if self.replicas > 1 { "; ack when all in-sync replicas have it (min.insync.replicas=2)" } else { "" }
+            ),
+            (System::Nats, false) => format!("file storage, default sync_interval (fsync every 2 min): ack after the page cache{quorum}"),
+            (System::Nats, true) => format!("file storage, sync_interval: always: ack after fsync{quorum}"),
+            (System::Redis, false) => "AOF, appendfsync everysec: ack after write(), fsync once a second".into(),
+            (System::Redis, true) => "AOF, appendfsync always: ack after the AOF write and fsync".into(),
+        }
+    }
+}
+
+/// A measured phase of one contender.
+pub struct Measured {
+    pub contender: Contender,
+    pub rep: usize,
+    /// `None`: the closed-loop (maximum) phase; else percent of that maximum.
+    pub load_pct: Option<f64>,
+    pub size: SizeSpec,
+    pub phase: PhaseResult,
+}
+
+/// What was learnt about a contender's servers.
+#[derive(Default, Clone)]
+pub struct ServerInfo {
+    pub version: String,
+    pub commands: Vec<String>,
+    pub configs: Vec<(String, String)>,
+    /// Largest summed VmRSS sampled over a whole run of the contender.
+    pub peak_rss_kb: Vec<u64>,
+    pub stops: Vec<String>,
+}
+
+pub fn cmd_compare(a: CompareArgs) -> anyhow::Result<()> {
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if let Some(r) = a.replicas.iter().find(|&&r| r != 1 && r != 3) {
+        bail!("--replicas {r}: use 1 and/or 3");
+    }
+    if let Some(l) = a.load.iter().find(|&&l| !(l > 0.0 && l < 100.0)) {
+        bail!("--load {l}: percentages of the maximum, between 0 and 100");
+    }
+    let env = Environment::probe();
+    let busd = match &a.busd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating busbench")?
+            .with_file_name("busd"),
+    };
+    if !busd.exists() {
+        bail!(
+            "no busd at {} (cargo build --release -p arrowbus-broker, or pass --busd)",
+            busd.display()
+        );
+    }
+    let mut notes = Vec::new();
+    let peers = peer_paths(&a, &mut notes)?;
+    let contenders = contenders(&a, &mut notes);
+    let rt = crate::runtime()?;
+    let started = Instant::now();
+    let mut measured = Vec::new();
+    let mut infos: Vec<(Contender, ServerInfo)> = Vec::new();
+    for rep in 0..a.reps {
+        // Rotate the order each repetition: systems alternate.
+        let mut order = contenders.clone();
+        let n = order.len().max(1);
+        order.rotate_left(rep % n);
+        for c in order {
+            eprintln!(
+                "busbench: compare rep {}/{}: {} (load {})",
+                rep + 1,
+                a.reps,
+                c.label(),
+                crate::report::load_average()
+            );
+            match run_contender(&rt, &a, &busd, peers.as_ref(), c, rep) {
+                Ok(Some((phases, info))) => {
+                    measured.extend(phases);
+                    match infos.iter_mut().find(|(k, _)| *k == c) {
+                        Some((_, i)) => {
+                            i.peak_rss_kb.extend(info.peak_rss_kb);
+                            i.stops.extend(info.stops);
+                        }
+                        None => infos.push((c, info)),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("busbench: {}: {e:#}", c.label());
+                    notes.push(format!("{} (rep {}): failed: {e:#}", c.label(), rep + 1));
+                }
+            }
+        }
+    }
+    notes.push(format!(
+        "load average (1/5/15 min) at the end: {}; the comparison took {:.0} min",
+        crate::report::load_average(),
+        started.elapsed().as_secs_f64() / 60.0
+    ));
+    let unavailable = unavailable(&a, &busd, &contenders);
+    let r = report::CompareReport {
+        env,
+        args: report::ArgsSummary {
+            sizes: a.sizes.clone(),
+            load: a.load.clone(),
+            duration: a.duration,
+            warmup: a.warmup,
+            reps: a.reps,
+            window: a.window,
+        },
+        contenders,
+        infos,
+        measured,
+        unavailable,
+        notes,
+    };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::default_out("compare"));
+    let written = r.write(&out, peers.as_ref().map(|p| p.plot_python.as_path()))?;
+    println!("{}", r.markdown());
+    for w in written {
+        eprintln!("busbench: wrote {}", w.display());
+    }
+    Ok(())
+}
+
+/// Rows that cannot be measured, with the reason (for the report).
+fn unavailable(a: &CompareArgs, busd: &Path, _c: &[Contender]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if a.replicas.contains(&3) {
+        if let Ok(Err(na)) = servers::start_arrowbus_cluster_probe(busd) {
+            out.push(("arrowbus R3".to_owned(), na.0));
+        }
+        if a.peers.contains(&Peer::Redis) {
+            out.push((
+                "Redis R3".to_owned(),
+                "not measured: Redis replication is asynchronous (no acknowledged write waits for a replica), so there is no equal-durability three-replica row".to_owned(),
+            ));
+        }
+    }
+    out.push((
+        "Python producers".to_owned(),
+        "not measured: busbench has no Python driver yet (arrowbus's Python producer against confluent-kafka and nats-py publishing the same IPC bytes); client-py was still being written when this comparison was, so the driver scaffolding was left out".to_owned(),
+    ));
+    out
+}
+
+fn peer_paths(a: &CompareArgs, notes: &mut Vec<String>) -> anyhow::Result<Option<PeerPaths>> {
+    if a.peers.is_empty() {
+        return Ok(None);
+    }
+    if !cfg!(feature = "compare") {
+        notes.push("peers not measured: this busbench was built without its `compare` feature (cargo build --release -p arrowbus-bench --features compare)".into());
+        return Ok(None);
+    }
+    let dir = a.peers_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/busbench-peers")
+    });
+    let env_file = dir.join("peers.env");
+    if !env_file.exists() {
+        if a.no_fetch {
+            bail!(
+                "{} is missing: run bench/peers/fetch.sh {}",
+                env_file.display(),
+                dir.display()
+            );
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/fetch.sh");
+        eprintln!(
+            "busbench: fetching peers: {} {}",
+            script.display(),
+            dir.display()
+        );
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .status()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!("{} failed ({status})", script.display());
+        }
+    }
+    let p = PeerPaths::load(&env_file)?;
+    if !p.nats_note.is_empty() {
+        notes.push(format!("NATS: {}", p.nats_note));
+    }
+    Ok(Some(p))
+}
+
+fn contenders(a: &CompareArgs, notes: &mut Vec<String>) -> Vec<Contender> {
+    let mut out = Vec::new();
+    let mut reps = a.replicas.clone();
+    reps.sort_unstable();
+    reps.dedup();
+    let mut peers = a.peers.clone();
+    peers.sort();
+    peers.dedup();
+    let mut dur = a.durability.clone();
+    dur.sort();
+    dur.dedup();
+    for &r in &reps {
+        out.push(Contender {
+            replicas: r,
+            system: System::Arrowbus,
+            strong: true,
+        });
+        for &p in &peers {
+            let system = match p {
+                Peer::Kafka => System::Kafka,
+                Peer::Nats => System::Nats,
+                Peer::Redis => System::Redis,
+            };
+            if system == System::Redis && r > 1 {
+                continue;
+            }
+            for &d in &dur {
+                out.push(Contender {
+                    replicas: r,
+                    system,
+                    strong: d == Durability::Strong,
+                });
+            }
+        }
+    }
+    if out.iter().all(|c| c.system == System::Arrowbus) && !peers.is_empty() {
+        notes.push("no peer contender selected".into());
+    }
+    out
+}
+
+type ContenderRun = (Vec<Measured>, ServerInfo);
+
+/// Start one contender's servers, measure every size, stop them. `None`
+/// when the contender cannot run in this build (reported separately).
+fn run_contender(
+    rt: &tokio::runtime::Runtime,
+    a: &CompareArgs,
+    busd: &Path,
+    peers: Option<&PeerPaths>,
+    c: Contender,
+    rep: usize,
+) -> anyhow::Result<Option<ContenderRun>> {
+    let mut info = ServerInfo::default();
+    let (mut servers, arrowbus_cfg) = match c.system {
+        System::Arrowbus if c.replicas == 1 => {
+            let (s, cfg) = servers::start_arrowbus(busd, &a.work_dir)?;
+            info.version = "busd (this tree)".into();
+            (s, Some(cfg))
+        }
+        System::Arrowbus => match servers::start_arrowbus_cluster(busd, &a.work_dir)? {
+            Ok((s, cfg)) => (s, Some(cfg)),
+            Err(_) => return Ok(None),
+        },
+        _ => {
+            let Some(p) = peers else { return Ok(None) };
+            let s = match c.system {
+                System::Kafka => {
+                    info.version = format!("Apache Kafka {} (KRaft)", p.kafka_version);
+                    servers::start_kafka(p, &a.work_dir, c.replicas)?
+                }
+                System::Nats => {
+                    info.version = tool_version(&p.nats_server, &["--version"]);
+                    servers::start_nats(p, &a.work_dir, c.replicas, c.strong)?
+                }
+                _ => {
+                    info.version = tool_version(&p.redis_server, &["--version"]);
+                    servers::start_redis(
+                        p,
+                        &a.work_dir,
+                        if c.strong { "always" } else { "everysec" },
+                    )?
+                }
+            };
+            (s, None)
+        }
+    };
+    info.commands = servers.commands.clone();
+    info.configs = servers.configs.clone();
+    let result = rt.block_on(measure_contender(a, c, rep, &servers, arrowbus_cfg));
+    let rss = group_stats(&servers.pids());
+    info.stops = servers.stop();
+    match result {
+        Ok((m, peak)) => {
+            info.peak_rss_kb.push(peak.max(rss.vm_rss_kb));
+            Ok(Some((m, info)))
+        }
+        Err(e) => Err(e.context(format!("server log tail:\n{}", servers.log_tail()))),
+    }
+}
+
+async fn make_bus(
+    a: &CompareArgs,
+    c: Contender,
+    servers: &Servers,
+    arrowbus_cfg: Option<arrowbus::ClientConfig>,
+) -> anyhow::Result<Box<dyn Bus>> {
+    let _ = (a, servers);
+    match (c.system, arrowbus_cfg) {
+        (System::Arrowbus, Some(cfg)) => {
+            let client = arrowbus::Client::connect(cfg)
+                .await
+                .context("connecting to busd")?;
+            Ok(Box::new(Arrowbus {
+                client,
+                replication_factor: c.replicas as u16,
+            }))
+        }
+        #[cfg(feature = "compare")]
+        (System::Kafka, _) => Ok(Box::new(kafka::Kafka::connect(
+            &servers.addrs,
+            c.replicas,
+            c.strong,
+            a.window,
+        )?)),
+        #[cfg(feature = "compare")]
+        (System::Nats, _) => Ok(Box::new(
+            nats::Nats::connect(&servers.addrs, c.replicas, a.window).await?,
+        )),
+        #[cfg(feature = "compare")]
+        (System::Redis, _) => Ok(Box::new(
+            redis_streams::Redis::connect(&servers.addrs, a.window).await?,
+        )),
+        _ => bail!("{} is not built into this busbench", c.label()),
+    }
+}
+
+fn phase_cfg(
+    a: &CompareArgs,
+    name: String,
+    size: SizeSpec,
+    rate: Option<f64>,
+    d: Duration,
+) -> PhaseConfig {
+    PhaseConfig {
+        name,
+        size,
+        rate,
+        limit: Limit::Duration(d),
+        partitions: 1,
+        drain_timeout: a.drain_timeout,
+        subscriber_delay: None,
+        wait_for_delivery: true,
+        hold_after: Duration::ZERO,
+        keep_topic: false,
+    }
+}
+
+async fn measure_contender(
+    a: &CompareArgs,
+    c: Contender,
+    rep: usize,
+    servers: &Servers,
+    arrowbus_cfg: Option<arrowbus::ClientConfig>,
+) -> anyhow::Result<(Vec<Measured>, u64)> {
+    let bus = make_bus(a, c, servers, arrowbus_cfg).await?;
+    let pids = servers.pids();
+    let (rss, task) = RssWatch::spawn(pids.clone(), Instant::now());
+    let watch = BrokerWatch { pids, rss };
+    let mut out = Vec::new();
+    let slug = format!(
+        "r{}-{:?}{}",
+        c.replicas,
+        c.system,
+        if c.strong { "s" } else { "d" }
+    )
+    .to_ascii_lowercase();
+    let result = async {
+        if !a.warmup.is_zero() {
+            let w = run::run_phase(
+                bus.as_ref(),
+                Some(&watch),
+                &phase_cfg(
+                    a,
+                    format!("{slug}-warmup"),
+                    SizeSpec::Rows(1000),
+                    None,
+                    a.warmup,
+                ),
+            )
+            .await?;
+            if !w.failures().is_empty() {
+                eprintln!("busbench:   warm-up: {}", w.failures().join("; "));
+            }
+        }
+        for &size in &a.sizes {
+            let max = run::run_phase(
+                bus.as_ref(),
+                Some(&watch),
+                &phase_cfg(
+                    a,
+                    format!("{slug}-{}-max", size.slug()),
+                    size,
+                    None,
+                    a.duration,
+                ),
+            )
+            .await?;
+            crate::print_phase(&max);
+            let capacity = (max.acked > 0).then(|| max.acked_batches_per_s());
+            out.push(Measured {
+                contender: c,
+                rep,
+                load_pct: None,
+                size,
+                phase: max,
+            });
+            let Some(capacity) = capacity else { continue };
+            for &pct in &a.load {
+                let rate = (capacity * pct / 100.0).max(1.0).round();
+                let p = run::run_phase(
+                    bus.as_ref(),
+                    Some(&watch),
+                    &phase_cfg(
+                        a,
+                        format!("{slug}-{}-{pct:.0}pct", size.slug()),
+                        size,
+                        Some(rate),
+                        a.duration,
+                    ),
+                )
+                .await?;
+                crate::print_phase(&p);
+                out.push(Measured {
+                    contender: c,
+                    rep,
+                    load_pct: Some(pct),
+                    size,
+                    phase: p,
+                });
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    task.abort();
+    drop(bus);
+    result?;
+    Ok((out, watch.rss.run_max_kb.load(Ordering::Relaxed)))
+}
+
+fn tool_version(bin: &Path, args: &[&str]) -> String {
+    std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("{} (version unknown)", bin.display()))
+}

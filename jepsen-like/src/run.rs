@@ -1,0 +1,405 @@
+//! One test run: start the cluster, create the topic, run the workload and
+//! the nemesis side by side until the time limit, heal, let the cluster
+//! recover, read every partition from every node with fresh clients, and
+//! leave a history behind (checked by the caller).
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arrowbus::{Client, NewTopic};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::history::{write_op, MicroOp, OpType, OpValue, Process};
+use crate::schedule::{self, Fault, FaultKind, Rng, ScheduleConfig};
+use crate::workload::{self, Extra, Recorder, Role, Shared, WorkloadConfig};
+
+/// History events buffered between the workers and the file writer.
+const HISTORY_QUEUE: usize = 65_536;
+/// Final-read attempts per node: a node still catching up gets this many
+/// chances before it counts as behind.
+const FINAL_READ_ATTEMPTS: u32 = 3;
+/// Process numbers of final reads start here, far above any worker's.
+const FINAL_PROCESS_BASE: u64 = 1 << 40;
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub busd: PathBuf,
+    pub nodes: u32,
+    pub time_limit: Duration,
+    pub nemesis: Vec<FaultKind>,
+    pub rate: f64,
+    pub seed: u64,
+    pub concurrency: u32,
+    pub keys: u32,
+    pub dir: PathBuf,
+    pub instance: u8,
+    pub recovery: Duration,
+    pub op_timeout: Duration,
+    pub interval: Duration,
+    pub final_read_timeout: Duration,
+    pub busd_env: Vec<(String, String)>,
+    pub replicas: u16,
+}
+
+impl RunConfig {
+    pub fn meta(&self) -> serde_json::Value {
+        json!({
+            "seed": self.seed,
+            "nodes": self.nodes,
+            "time_limit_s": self.time_limit.as_secs(),
+            "nemesis": self.nemesis.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "rate": self.rate,
+            "concurrency": self.concurrency,
+            "keys": self.keys,
+            "replicas": self.replicas,
+            "interval_s": self.interval.as_secs_f64(),
+            "busd_env": self.busd_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "dir": self.dir.display().to_string(),
+        })
+    }
+}
+
+/// Run the test; returns the history file.
+pub async fn run(cfg: RunConfig) -> Result<PathBuf> {
+    if cfg.dir.join("nodes").exists() {
+        anyhow::bail!(
+            "{} holds an earlier run (its nodes/ would be reused): choose a new --dir",
+            cfg.dir.display()
+        );
+    }
+    std::fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
+    let needs_netns = cfg.nemesis.contains(&FaultKind::Partition);
+    let cluster_cfg = ClusterConfig {
+        busd: cfg.busd.clone(),
+        nodes: cfg.nodes,
+        dir: cfg.dir.join("nodes"),
+        netns: needs_netns,
+        instance: cfg.instance,
+        env: cfg.busd_env.clone(),
+    };
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(cluster_cfg))
+        .await
+        .context("cluster start task")??;
+    let client_cfg = cluster.client_config(None, cfg.op_timeout);
+    let ids = cluster.ids();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let topic = "jepsen".to_owned();
+    create_topic(&client_cfg, &topic, cfg.keys, cfg.replicas).await?;
+
+    let history_path = cfg.dir.join("history.jsonl");
+    let file = std::fs::File::create(&history_path)
+        .with_context(|| format!("creating {}", history_path.display()))?;
+    let (tx, rx) = mpsc::channel(HISTORY_QUEUE);
+    let writer = tokio::spawn(write_history(rx, BufWriter::new(file)));
+    let start = Instant::now();
+    let rec = Recorder::new(tx, start);
+
+    let wl = WorkloadConfig {
+        topic: topic.clone(),
+        keys: cfg.keys,
+        rate: cfg.rate,
+        concurrency: cfg.concurrency,
+        op_timeout: cfg.op_timeout,
+        poll_wait: Duration::from_millis(100),
+        client: client_cfg.clone(),
+    };
+    let shared = Shared::new(cfg.keys);
+    let deadline = start + cfg.time_limit;
+    let mut rng = Rng::new(cfg.seed);
+    let plan_seed = rng.next_u64();
+    let mut sched = ScheduleConfig::new(cfg.time_limit.as_millis() as u64, cfg.nemesis.clone());
+    sched.interval_ms = cfg.interval.as_millis() as u64;
+    let plan = schedule::plan(plan_seed, &sched);
+    println!(
+        "jepsen-like: {} nodes, {} s, nemesis {:?}, {} faults planned; history {}",
+        cfg.nodes,
+        cfg.time_limit.as_secs(),
+        cfg.nemesis
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>(),
+        plan.len(),
+        history_path.display()
+    );
+
+    let mut workers = tokio::task::JoinSet::new();
+    for id in 0..cfg.concurrency {
+        // Half the workers produce, half consume (at least one of each).
+        let role = if id % 2 == 0 {
+            Role::Producer
+        } else {
+            Role::Consumer
+        };
+        workers.spawn(workload::worker(
+            id,
+            role,
+            wl.clone(),
+            shared.clone(),
+            rec.clone(),
+            rng.fork(u64::from(id)),
+            deadline,
+        ));
+    }
+    let nemesis = tokio::spawn(run_nemesis(
+        plan,
+        cluster.clone(),
+        rec.clone(),
+        client_cfg.clone(),
+        start,
+        ids.len() as u32,
+    ));
+
+    while workers.join_next().await.is_some() {}
+    nemesis.await.context("nemesis task")?;
+
+    // Heal everything, let the cluster recover, then read it all.
+    rec.nemesis(OpType::Invoke, "heal-all", json!({}), None)
+        .await;
+    let c2 = cluster.clone();
+    let healed = tokio::task::spawn_blocking(move || match c2.lock() {
+        Ok(mut c) => c.heal_all(),
+        Err(_) => Err(anyhow::anyhow!("cluster lock poisoned")),
+    })
+    .await
+    .context("heal task")?;
+    rec.nemesis(
+        OpType::Info,
+        "heal-all",
+        json!({}),
+        healed.err().map(|e| format!("{e:#}")),
+    )
+    .await;
+    tokio::time::sleep(cfg.recovery).await;
+
+    let mut process = FINAL_PROCESS_BASE;
+    for id in &ids {
+        let node_cfg = match cluster.lock() {
+            Ok(c) => c.client_config(Some(*id), cfg.op_timeout),
+            Err(_) => anyhow::bail!("cluster lock poisoned"),
+        };
+        for attempt in 1..=FINAL_READ_ATTEMPTS {
+            let p = Process::Client(process);
+            process += 1;
+            rec.record(
+                p,
+                OpType::Invoke,
+                "poll",
+                OpValue::Mops(vec![MicroOp::Poll { reads: None }]),
+                Extra {
+                    error: None,
+                    node: Some(*id),
+                    final_read: true,
+                },
+            )
+            .await;
+            let r = workload::final_read(&wl, node_cfg.clone(), cfg.final_read_timeout).await;
+            let caught_up = match &r {
+                Ok(reads) => {
+                    let acked = shared
+                        .acked_end
+                        .lock()
+                        .map(|m| m.clone())
+                        .unwrap_or_default();
+                    acked.iter().all(|(k, end)| {
+                        reads
+                            .get(k)
+                            .and_then(|v| v.last())
+                            .is_some_and(|(o, _)| o + 1 >= *end)
+                    })
+                }
+                Err(_) => false,
+            };
+            match r {
+                Ok(reads) => {
+                    rec.record(
+                        p,
+                        OpType::Ok,
+                        "poll",
+                        OpValue::Mops(vec![MicroOp::Poll { reads: Some(reads) }]),
+                        Extra {
+                            error: None,
+                            node: Some(*id),
+                            final_read: true,
+                        },
+                    )
+                    .await
+                }
+                Err(e) => {
+                    rec.record(
+                        p,
+                        OpType::Fail,
+                        "poll",
+                        OpValue::Mops(vec![MicroOp::Poll { reads: None }]),
+                        Extra {
+                            error: Some(e),
+                            node: Some(*id),
+                            final_read: true,
+                        },
+                    )
+                    .await
+                }
+            }
+            if caught_up || attempt == FINAL_READ_ATTEMPTS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    drop(rec);
+    writer.await.context("history writer")??;
+    // Stop the nodes and remove the namespaces now, not at exit.
+    if let Ok(c) = Arc::try_unwrap(cluster) {
+        drop(c);
+    }
+    Ok(history_path)
+}
+
+async fn create_topic(
+    cfg: &arrowbus::ClientConfig,
+    topic: &str,
+    keys: u32,
+    replicas: u16,
+) -> Result<()> {
+    // The cluster may still be electing leaders: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let c = Client::connect(cfg.clone()).await?;
+            let r = c
+                .admin()
+                .create_topic(
+                    NewTopic::new(topic)
+                        .partitions(keys)
+                        .replication_factor(replicas)
+                        .schema(workload::schema()),
+                )
+                .await;
+            c.close().await;
+            r
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("jepsen-like: creating topic: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("creating topic {topic}: {e}")),
+        }
+    }
+}
+
+async fn write_history(
+    mut rx: mpsc::Receiver<workload::Event>,
+    mut w: BufWriter<std::fs::File>,
+) -> Result<()> {
+    let mut index = 0u64;
+    while let Some(mut op) = rx.recv().await {
+        op.index = index;
+        index += 1;
+        write_op(&mut w, &op).context("writing history")?;
+    }
+    w.flush().context("flushing history")?;
+    Ok(())
+}
+
+/// Current partition leaders (node ids), empty when unknown.
+async fn leaders(cfg: &arrowbus::ClientConfig) -> Vec<u32> {
+    let fut = async {
+        let c = Client::connect(cfg.clone()).await.ok()?;
+        let info = c.admin().describe_topic("jepsen").await.ok();
+        c.close().await;
+        info
+    };
+    match tokio::time::timeout(Duration::from_secs(2), fut).await {
+        Ok(Some(info)) => info
+            .partitions
+            .iter()
+            .filter_map(|p| u32::try_from(p.leader).ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn run_nemesis(
+    plan: Vec<Fault>,
+    cluster: Arc<Mutex<Cluster>>,
+    rec: Recorder,
+    client_cfg: arrowbus::ClientConfig,
+    start: Instant,
+    n: u32,
+) {
+    for fault in plan {
+        let at = start + Duration::from_millis(fault.at_ms);
+        tokio::time::sleep_until(at.into()).await;
+        let (begin, end) = fault.kind.names();
+        let leaders = if fault.target == schedule::Target::Leaders {
+            leaders(&client_cfg).await
+        } else {
+            Vec::new()
+        };
+        let targets = schedule::resolve_targets(fault.target, n, &leaders, fault.pick);
+        let links = schedule::partition_links(fault.shape, n, fault.pick);
+        let value = match fault.kind {
+            FaultKind::Partition => json!({
+                "shape": format!("{:?}", fault.shape),
+                "cut": links.iter().map(|(a, b)| format!("{a:?}-{b:?}")).collect::<Vec<_>>(),
+            }),
+            _ => json!({"target": format!("{:?}", fault.target), "nodes": targets}),
+        };
+        rec.nemesis(OpType::Invoke, begin, value.clone(), None)
+            .await;
+        let r = apply(&cluster, fault.kind, true, targets.clone(), links.clone()).await;
+        rec.nemesis(OpType::Info, begin, value.clone(), r.err())
+            .await;
+        tokio::time::sleep(Duration::from_millis(fault.hold_ms)).await;
+        rec.nemesis(OpType::Invoke, end, value.clone(), None).await;
+        let r = apply(&cluster, fault.kind, false, targets, links).await;
+        rec.nemesis(OpType::Info, end, value, r.err()).await;
+    }
+}
+
+/// Start (`begin`) or end a fault. Blocking cluster calls run off the runtime.
+async fn apply(
+    cluster: &Arc<Mutex<Cluster>>,
+    kind: FaultKind,
+    begin: bool,
+    targets: Vec<u32>,
+    links: Vec<(schedule::End, schedule::End)>,
+) -> Result<(), String> {
+    let cluster = cluster.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut c = cluster
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cluster lock poisoned"))?;
+        match (kind, begin) {
+            (FaultKind::Kill, true) => targets.iter().try_for_each(|t| c.kill(*t)),
+            (FaultKind::Kill, false) => targets.iter().try_for_each(|t| c.restart(*t)),
+            (FaultKind::Pause, true) => targets.iter().try_for_each(|t| c.pause(*t)),
+            (FaultKind::Pause, false) => targets.iter().try_for_each(|t| c.resume(*t)),
+            (FaultKind::Partition, true) => c.partition(&links),
+            (FaultKind::Partition, false) => c.heal_network(),
+            (FaultKind::Rollback, true) => targets.iter().try_for_each(|t| c.snapshot_data(*t)),
+            (FaultKind::Rollback, false) => targets.iter().try_for_each(|t| c.rollback_data(*t)),
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(e) => Err(format!("nemesis task: {e}")),
+    }
+}
+
+/// Default run directory: `<store>/<unix time>-s<seed>`.
+pub fn run_dir(store: &Path, seed: u64) -> PathBuf {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    store.join(format!("{now}-s{seed}"))
+}

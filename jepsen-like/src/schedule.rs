@@ -1,0 +1,485 @@
+//! The fault schedule: which fault, against whom, when and for how long,
+//! decided from a seed before the run starts. Pure: the same seed and
+//! configuration always give the same plan, so a run's faults replay from
+//! its printed seed (the cluster's own timing still varies between runs).
+//!
+//! Shape, after Jepsen's: a quiet start; then a fault about every
+//! `interval`; the first round injects every enabled fault once (so even a
+//! one-minute smoke sees each); after it, every `rotate` period picks a new
+//! random mixture of the enabled faults, or none (a fault-free window);
+//! every fault heals before the time limit.
+
+use std::fmt;
+
+/// A deterministic generator (SplitMix64): small, stable across versions
+/// and platforms, which is what replaying a seed needs.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`; 0 gives 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+    /// Uniform in `[lo, hi)`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi.saturating_sub(lo))
+    }
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// A fresh generator for a sub-task, independent of later draws here.
+    pub fn fork(&mut self, salt: u64) -> Rng {
+        Rng(self.next_u64() ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// SIGKILL the targets, restart them when the fault ends.
+    Kill,
+    /// SIGSTOP the targets, SIGCONT when it ends.
+    Pause,
+    /// Drop packets between groups of nodes (and the clients).
+    Partition,
+    /// Deliberately unsafe, to prove the checker catches loss: snapshot a
+    /// node's data directory (while it is stopped), let it acknowledge more
+    /// writes, then kill it and put the snapshot back, like a disk that
+    /// ignored fsync and lost power.
+    Rollback,
+}
+
+impl FaultKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kill" => Some(FaultKind::Kill),
+            "pause" => Some(FaultKind::Pause),
+            "partition" => Some(FaultKind::Partition),
+            "rollback" => Some(FaultKind::Rollback),
+            _ => None,
+        }
+    }
+    /// History `f` of the fault's start and end.
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            FaultKind::Kill => ("kill", "restart"),
+            FaultKind::Pause => ("pause", "resume"),
+            FaultKind::Partition => ("partition", "heal"),
+            FaultKind::Rollback => ("snapshot", "rollback"),
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::Rollback => "rollback",
+        })
+    }
+}
+
+/// Which nodes a process fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    One,
+    Minority,
+    Majority,
+    All,
+    /// The current leaders of the run's partitions.
+    Leaders,
+}
+
+/// How a partition splits the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// One node cut off from every other node and from the clients.
+    IsolateOne,
+    /// A minority cut off from the majority (the clients stay with the majority).
+    Halves,
+    /// Two halves that only one bridge node connects.
+    Bridge,
+    /// Each node reaches only its two ring neighbours (the clients reach all).
+    Ring,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    /// Start, ms after the run starts.
+    pub at_ms: u64,
+    /// How long it lasts before it heals.
+    pub hold_ms: u64,
+    pub kind: FaultKind,
+    pub target: Target,
+    pub shape: Shape,
+    /// Randomness for resolving targets at run time (which node is "one").
+    pub pick: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ScheduleConfig {
+    pub time_limit_ms: u64,
+    pub quiet_start_ms: u64,
+    /// Mean time between fault starts.
+    pub interval_ms: u64,
+    /// How often the mixture of faults changes.
+    pub rotate_ms: u64,
+    pub kinds: Vec<FaultKind>,
+    /// Chance that a rotation period is fault-free (after the first round).
+    pub quiet_window_chance: f64,
+}
+
+impl ScheduleConfig {
+    pub fn new(time_limit_ms: u64, kinds: Vec<FaultKind>) -> Self {
+        Self {
+            time_limit_ms,
+            quiet_start_ms: 5_000,
+            interval_ms: 10_000,
+            rotate_ms: 30_000,
+            kinds,
+            quiet_window_chance: 0.2,
+        }
+    }
+}
+
+/// Faults never start within this many ms of the time limit: each must heal
+/// and the cluster settle before the clients stop.
+const END_MARGIN_MS: u64 = 3_000;
+/// Shortest and longest fault, as fractions of the interval (a fault shorter
+/// than the clients' op timeout would go unnoticed; one as long as the
+/// interval would leave no healthy time between faults).
+const HOLD_MIN_FRACTION: f64 = 0.3;
+const HOLD_MAX_FRACTION: f64 = 0.6;
+
+/// The plan for a run. Faults do not overlap.
+pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    if cfg.kinds.is_empty() || cfg.interval_ms == 0 {
+        return out;
+    }
+    // The first round: each enabled fault once, in random order.
+    let mut first_round = cfg.kinds.clone();
+    rng.shuffle(&mut first_round);
+    let mut t = cfg.quiet_start_ms;
+    let mut mixture: Vec<FaultKind> = cfg.kinds.clone();
+    let mut period_end = 0u64;
+    let hold_lo = (cfg.interval_ms as f64 * HOLD_MIN_FRACTION) as u64;
+    let hold_hi = ((cfg.interval_ms as f64 * HOLD_MAX_FRACTION) as u64).max(hold_lo + 1);
+    loop {
+        let hold = rng.range(hold_lo, hold_hi);
+        if t + hold + END_MARGIN_MS > cfg.time_limit_ms {
+            break;
+        }
+        let kind = if !first_round.is_empty() {
+            let k = first_round.remove(0);
+            if first_round.is_empty() {
+                period_end = t + cfg.rotate_ms;
+            }
+            Some(k)
+        } else {
+            if t >= period_end {
+                period_end = t + cfg.rotate_ms;
+                mixture = if rng.unit() < cfg.quiet_window_chance {
+                    Vec::new()
+                } else {
+                    let mut m: Vec<FaultKind> = cfg
+                        .kinds
+                        .iter()
+                        .copied()
+                        .filter(|_| rng.unit() < 0.5)
+                        .collect();
+                    if m.is_empty() {
+                        m.push(cfg.kinds[rng.below(cfg.kinds.len() as u64) as usize]);
+                    }
+                    m
+                };
+            }
+            if mixture.is_empty() {
+                None
+            } else {
+                Some(mixture[rng.below(mixture.len() as u64) as usize])
+            }
+        };
+        if let Some(kind) = kind {
+            let target = match rng.below(5) {
+                0 => Target::One,
+                1 => Target::Minority,
+                2 => Target::Majority,
+                3 => Target::All,
+                _ => Target::Leaders,
+            };
+            let shape = match rng.below(4) {
+                0 => Shape::IsolateOne,
+                1 => Shape::Halves,
+                2 => Shape::Bridge,
+                _ => Shape::Ring,
+            };
+            out.push(Fault {
+                at_ms: t,
+                hold_ms: hold,
+                kind,
+                target: if kind == FaultKind::Rollback {
+                    // Rollback needs one node's data directory.
+                    Target::One
+                } else {
+                    target
+                },
+                shape,
+                pick: rng.next_u64(),
+            });
+        }
+        // Next start: about one interval later, never before this one healed.
+        let gap = rng.range(cfg.interval_ms * 7 / 10, cfg.interval_ms * 13 / 10);
+        t += gap.max(hold + 1_000);
+    }
+    out
+}
+
+/// Nodes (1-based ids) a process fault hits among `n`; `leaders` are the
+/// current partition leaders (empty when unknown).
+pub fn resolve_targets(target: Target, n: u32, leaders: &[u32], pick: u64) -> Vec<u32> {
+    let mut rng = Rng::new(pick);
+    let mut ids: Vec<u32> = (1..=n).collect();
+    rng.shuffle(&mut ids);
+    let take = match target {
+        Target::One => 1,
+        Target::Minority => ((n.saturating_sub(1)) / 2).max(1),
+        Target::Majority => n / 2 + 1,
+        Target::All => n,
+        Target::Leaders => {
+            let mut l: Vec<u32> = leaders
+                .iter()
+                .copied()
+                .filter(|x| (1..=n).contains(x))
+                .collect();
+            l.sort_unstable();
+            l.dedup();
+            if !l.is_empty() {
+                return l;
+            }
+            1
+        }
+    } as usize;
+    let mut out: Vec<u32> = ids.into_iter().take(take.min(n as usize)).collect();
+    out.sort_unstable();
+    out
+}
+
+/// One side of a blocked link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum End {
+    Node(u32),
+    /// The host the clients run on.
+    Clients,
+}
+
+/// Links to cut for a partition of `n` nodes, each pair once, (a, b) with a < b.
+/// Shapes that need more nodes than there are fall back to the nearest one
+/// that still cuts something: with one node, every shape isolates it from
+/// the clients.
+pub fn partition_links(shape: Shape, n: u32, pick: u64) -> Vec<(End, End)> {
+    let mut rng = Rng::new(pick);
+    let mut ids: Vec<u32> = (1..=n).collect();
+    rng.shuffle(&mut ids);
+    let shape = match shape {
+        Shape::Ring if n < 4 => Shape::IsolateOne,
+        Shape::Bridge if n < 3 => Shape::Halves,
+        s => s,
+    };
+    let mut cut = Vec::new();
+    let mut block = |a: End, b: End| {
+        let p = if a < b { (a, b) } else { (b, a) };
+        if a != b && !cut.contains(&p) {
+            cut.push(p);
+        }
+    };
+    match shape {
+        Shape::IsolateOne => {
+            let x = ids[0];
+            for &y in &ids[1..] {
+                block(End::Node(x), End::Node(y));
+            }
+            block(End::Node(x), End::Clients);
+        }
+        Shape::Halves => {
+            let minority = (n / 2).max(1) as usize;
+            let (small, big) = ids.split_at(minority);
+            for &a in small {
+                for &b in big {
+                    block(End::Node(a), End::Node(b));
+                }
+                block(End::Node(a), End::Clients);
+            }
+        }
+        Shape::Bridge => {
+            let bridge = ids[0];
+            let rest = &ids[1..];
+            let (a_side, b_side) = rest.split_at(rest.len() / 2);
+            for &a in a_side {
+                for &b in b_side {
+                    block(End::Node(a), End::Node(b));
+                }
+                block(End::Node(a), End::Clients);
+            }
+            let _ = bridge; // connected to both sides and to the clients
+        }
+        Shape::Ring => {
+            let len = ids.len();
+            for i in 0..len {
+                for j in i + 1..len {
+                    let adjacent = j == i + 1 || (i == 0 && j == len - 1);
+                    if !adjacent {
+                        block(End::Node(ids[i]), End::Node(ids[j]));
+                    }
+                }
+            }
+        }
+    }
+    cut.sort_unstable();
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(limit_s: u64, kinds: &[FaultKind]) -> ScheduleConfig {
+        ScheduleConfig::new(limit_s * 1000, kinds.to_vec())
+    }
+
+    #[test]
+    fn same_seed_same_plan_and_different_seed_differs() {
+        let c = cfg(
+            300,
+            &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
+        );
+        assert_eq!(plan(7, &c), plan(7, &c));
+        assert_ne!(plan(7, &c), plan(8, &c));
+    }
+
+    #[test]
+    fn plan_has_quiet_start_no_overlap_heals_before_the_end_and_rotates() {
+        let c = cfg(
+            300,
+            &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
+        );
+        for seed in 0..50 {
+            let p = plan(seed, &c);
+            assert!(
+                p.len() >= 10,
+                "seed {seed}: only {} faults in 300 s",
+                p.len()
+            );
+            assert!(p[0].at_ms >= c.quiet_start_ms);
+            for w in p.windows(2) {
+                assert!(
+                    w[0].at_ms + w[0].hold_ms < w[1].at_ms,
+                    "seed {seed}: overlap"
+                );
+            }
+            for f in &p {
+                assert!(f.at_ms + f.hold_ms + END_MARGIN_MS <= c.time_limit_ms);
+                assert!(f.hold_ms >= 3_000 && f.hold_ms < 6_000);
+            }
+            // every enabled fault appears in the first round
+            let first: Vec<_> = p.iter().take(3).map(|f| f.kind).collect();
+            for k in &c.kinds {
+                assert!(first.contains(k), "seed {seed}: first round misses {k}");
+            }
+            // gaps average about one interval; fault-free windows make some longer
+            let mean_gap = (p[p.len() - 1].at_ms - p[0].at_ms) / (p.len() as u64 - 1);
+            assert!(
+                (7_000..=20_000).contains(&mean_gap),
+                "seed {seed}: mean gap {mean_gap}"
+            );
+        }
+        // Over many seeds, some rotation period is fault-free (a gap of a
+        // whole rotation).
+        let quiet = (0..50).any(|s| {
+            plan(s, &c)
+                .windows(2)
+                .any(|w| w[1].at_ms - w[0].at_ms > c.rotate_ms)
+        });
+        assert!(quiet, "no fault-free window in 50 seeds");
+    }
+
+    #[test]
+    fn one_minute_smoke_sees_kill_and_partition() {
+        let c = cfg(60, &[FaultKind::Kill, FaultKind::Partition]);
+        for seed in 0..100 {
+            let kinds: Vec<_> = plan(seed, &c).iter().map(|f| f.kind).collect();
+            assert!(kinds.contains(&FaultKind::Kill) && kinds.contains(&FaultKind::Partition));
+        }
+    }
+
+    #[test]
+    fn targets_resolve_to_the_right_sizes() {
+        assert_eq!(resolve_targets(Target::One, 5, &[], 1).len(), 1);
+        assert_eq!(resolve_targets(Target::Minority, 5, &[], 1).len(), 2);
+        assert_eq!(resolve_targets(Target::Majority, 5, &[], 1).len(), 3);
+        assert_eq!(resolve_targets(Target::All, 5, &[], 1), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            resolve_targets(Target::Leaders, 5, &[3, 3, 1], 1),
+            vec![1, 3]
+        );
+        assert_eq!(resolve_targets(Target::Leaders, 5, &[], 1).len(), 1);
+        for t in [Target::One, Target::Minority, Target::Majority, Target::All] {
+            assert_eq!(resolve_targets(t, 1, &[], 9), vec![1]);
+        }
+    }
+
+    #[test]
+    fn partition_shapes() {
+        use End::*;
+        // One node: every shape cuts it from the clients.
+        for s in [Shape::IsolateOne, Shape::Halves, Shape::Bridge, Shape::Ring] {
+            assert_eq!(partition_links(s, 1, 3), vec![(Node(1), Clients)]);
+        }
+        // Isolate one of three: two node links and the clients.
+        let cut = partition_links(Shape::IsolateOne, 3, 5);
+        assert_eq!(cut.len(), 3);
+        // Halves of five: 2 x 3 node links plus two client links.
+        let cut = partition_links(Shape::Halves, 5, 5);
+        assert_eq!(cut.len(), 8);
+        assert_eq!(cut.iter().filter(|(_, b)| *b == Clients).count(), 2);
+        // Bridge of five: sides of 2 and 2 cut from each other (4), one side
+        // from the clients (2); the bridge node keeps every link.
+        let cut = partition_links(Shape::Bridge, 5, 5);
+        assert_eq!(cut.len(), 6);
+        let touched: std::collections::BTreeSet<End> =
+            cut.iter().flat_map(|(a, b)| [*a, *b]).collect();
+        assert_eq!(
+            touched.len(),
+            5,
+            "all but the bridge node are cut somewhere: {cut:?}"
+        );
+        // Ring of five: each node keeps two neighbours, so 10 - 5 links cut.
+        let cut = partition_links(Shape::Ring, 5, 5);
+        assert_eq!(cut.len(), 5);
+        assert!(cut.iter().all(|(_, b)| *b != Clients));
+    }
+}
