@@ -34,7 +34,9 @@ pub(crate) struct Conn {
 
 /// How long to wait for one node to answer a handshake before trying
 /// another: a dead leader must not stall failover.
-const NODE_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_millis(750);
+/// Handshake budget for a node whose last connection died.
+const DEAD_NODE_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// First and largest pause between retries of a request that found no leader.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -82,10 +84,14 @@ impl Conn {
     }
 
     async fn connect_addr(&self, addr_text: &str, timeout: Duration) -> Result<quinn::Connection> {
+        let mut timeout = timeout;
         if let Some(c) = lock(&self.conns).get(addr_text) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
+            // Its last connection died: likely down, so give up on it fast
+            // (callers retry) rather than stall failover on a silent node.
+            timeout = timeout.min(DEAD_NODE_CONNECT_TIMEOUT);
         }
         let addr = resolve(addr_text)?;
         let server_name = self
@@ -143,6 +149,25 @@ impl Conn {
     pub(crate) async fn primary(&self) -> Result<quinn::Connection> {
         let primary = lock(&self.primary).clone();
         let timeout = NODE_CONNECT_TIMEOUT.min(self.config.request_timeout);
+        // A primary whose connection just died is probably down: ask the
+        // other known nodes first instead of waiting for a handshake with it.
+        let primary_died = lock(&self.conns)
+            .get(&primary)
+            .is_some_and(|c| c.close_reason().is_some());
+        if primary_died {
+            let others: Vec<String> = lock(&self.nodes)
+                .values()
+                .chain(self.config.brokers.iter())
+                .filter(|a| **a != primary)
+                .cloned()
+                .collect();
+            for addr in others {
+                if let Ok(c) = self.connect_addr(&addr, timeout).await {
+                    *lock(&self.primary) = addr;
+                    return Ok(c);
+                }
+            }
+        }
         match self.connect_addr(&primary, timeout).await {
             Ok(c) => Ok(c),
             Err(first_err) => {
@@ -314,9 +339,9 @@ fn transport_config() -> quinn::TransportConfig {
         // be noticed in seconds, not at the 30 s default: its partitions'
         // producers and subscribers then move to the new leader. Pings every
         // 500 ms cost a few bytes per second per node.
-        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .keep_alive_interval(Some(Duration::from_millis(400)))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(2)) {
         t.max_idle_timeout(Some(idle));
     }
     t

@@ -374,7 +374,14 @@ async fn publish(c: &Client, cfg: &WorkloadConfig, k: Key, v: Value) -> Result<O
     .map_err(|e| Failure::Definite(format!("building the batch: {e}")))?;
     match tokio::time::timeout(
         cfg.op_timeout,
-        c.producer().publish_to(&cfg.topic, k, &batch),
+        // No retries inside the client: without idempotent producers a
+        // retry can store a value twice, and each op here must be one
+        // attempt whose outcome the history records (ok, fail or info).
+        c.producer_with(arrowbus::ProducerConfig {
+            delivery_timeout: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+        .publish_to(&cfg.topic, k, &batch),
     )
     .await
     {
