@@ -95,11 +95,14 @@ fn kill_run_is_clean_and_rollback_run_reports_lost_writes() {
         "rollback must be reported:\n{text}"
     );
     let r = recheck(&lossy);
-    assert!(r.anomaly_counts["lost-write"] > 0, "{text}");
+    // A rollback hands the lost writes' offsets to new values, so the loss
+    // always shows as inconsistent offsets. It is also a lost write when no
+    // poll read the rolled-back value before the rollback; with consumers
+    // that keep up, they usually did.
     assert!(r.anomaly_counts["inconsistent-offsets"] > 0, "{text}");
     // `--expect` turns the same finding into success (the self-test mode).
     let out = Command::new(env!("CARGO_BIN_EXE_jepsen-like"))
-        .args(["check", "--expect", "lost-write,inconsistent-offsets"])
+        .args(["check", "--expect", "inconsistent-offsets"])
         .arg(lossy.join("history.jsonl"))
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
