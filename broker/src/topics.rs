@@ -706,7 +706,13 @@ impl Topics {
             }
             let _ = tokio::time::timeout_at(
                 deadline,
-                wait_metrics(&p.group.raft, |m| m.current_leader.is_some()),
+                wait_metrics(&p.group.raft, |m| {
+                    // Ready: a leader that has applied its own term's first
+                    // (blank) entry, so the log holds no pending bookkeeping.
+                    m.current_leader.is_some()
+                        && m.last_applied
+                            .is_some_and(|a| a.leader_id.term == m.current_term)
+                }),
             )
             .await;
         }
