@@ -27,3 +27,9 @@ pub mod types;
 
 pub use openraft::impls::BasicNode;
 pub use openraft::ServerState;
+
+/// Lock a mutex that guards plain data: a panic while it was held leaves
+/// nothing half-updated that matters here, so poisoning is ignored.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -35,6 +35,7 @@ use openraft::raft::{
 };
 use openraft::{EntryPayload, RaftNetworkV2};
 
+use crate::lock;
 use crate::sm::{Applier, StateMachine};
 use crate::types::{
     self, from_wire_log_id, from_wire_vote, wire_log_id, wire_vote, Entry, NodeId, Raft, Snapshot,
@@ -656,8 +657,4 @@ async fn read_frame<M: arrowbus_wire::codec::Message>(
         .await
         .map_err(|e| PeerError(format!("read: {e}")))?;
     Ok(Some((msg, Bytes::from(body))))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -19,6 +19,7 @@ use openraft::EntryPayload;
 use rkyv::rancor;
 use tokio::sync::watch;
 
+use crate::lock;
 use crate::store::write_atomic;
 use crate::types::{
     self, wire_log_id, Applied, Command, LogId, Snapshot, SnapshotMeta, StoredMembership,
@@ -265,8 +266,4 @@ impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for StateMachine<A> {
             snapshot: data,
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -14,12 +14,13 @@ use std::fmt::Debug;
 use std::io::{self, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 
+use crate::lock;
 use crate::log::{LogError, PartitionLog};
 use crate::types::{self, from_stored, Entry, LogId, TypeConfig, Vote};
 
@@ -369,9 +370,4 @@ pub fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 pub(crate) fn io_err(e: LogError) -> io::Error {
     io::Error::other(e.to_string())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks leaves plain data behind; keep going.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
