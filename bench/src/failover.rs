@@ -8,8 +8,8 @@
 //! read back and checked to be where its ack said.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use arrowbus::{NewTopic, StartAt, SubscribeOptions};
 use clap::Args;
 use futures::StreamExt;
 
+use crate::devcluster::DevCluster;
 use crate::workload::Template;
 
 #[derive(Args, Clone)]
@@ -39,44 +40,13 @@ pub struct FailoverArgs {
     pub out: Option<PathBuf>,
 }
 
-struct Cluster {
-    supervisor: Child,
-    restarted: Vec<Child>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child has no memory effects.
-        unsafe {
-            libc::kill(self.supervisor.id() as libc::pid_t, libc::SIGTERM);
-        }
-        for c in &mut self.restarted {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = self.supervisor.wait();
-    }
-}
-
-/// Pid of the `busd run` process of node `id` (started by the supervisor or
-/// by us), found by its config path.
-fn node_pid(dir: &Path, id: u64) -> Option<i32> {
-    let needle = dir.join(format!("node-{id}")).join("busd.toml");
-    let needle = needle.to_string_lossy().into_owned();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        let mut args = cmd.split('\0');
-        if args.any(|a| a == "run") && cmd.split('\0').any(|a| a == needle) {
-            return Some(pid);
-        }
-    }
-    None
+/// One acknowledgement as the publisher saw it.
+struct AckSeen {
+    at: Instant,
+    offset: u64,
+    seq: u64,
+    /// The broker's append time (ms since the epoch).
+    appended_ms: i64,
 }
 
 pub fn cmd_failover(a: FailoverArgs) -> anyhow::Result<()> {
@@ -85,47 +55,7 @@ pub fn cmd_failover(a: FailoverArgs) -> anyhow::Result<()> {
 }
 
 async fn run(a: FailoverArgs) -> anyhow::Result<()> {
-    let _ = std::fs::remove_dir_all(&a.work_dir);
-    std::fs::create_dir_all(&a.work_dir).context("creating the work dir")?;
-    let profile = a.work_dir.join("profile.toml");
-    let log = std::fs::File::create(a.work_dir.join("cluster.log"))?;
-    let supervisor = Command::new(&a.busd)
-        .args(["dev", "--nodes", "3", "--listen"])
-        .arg(format!("127.0.0.1:{}", a.port))
-        .arg("--data-dir")
-        .arg(&a.work_dir)
-        .arg("--profile")
-        .arg(&profile)
-        .env("ARROWBUS_LOG", "warn")
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("starting busd dev --nodes 3")?;
-    let mut cluster = Cluster {
-        supervisor,
-        restarted: Vec::new(),
-    };
-    let start = Instant::now();
-    while !profile.exists() {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "the cluster did not start in 30 s (see {}/cluster.log)",
-                a.work_dir.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let prof = arrowbus::Profile::load(&profile)?;
-    let first = prof
-        .brokers
-        .first()
-        .cloned()
-        .context("the profile lists no broker")?;
-    let mut cfg = arrowbus::ClientConfig::new(first);
-    cfg.brokers = prof.brokers.clone();
-    cfg.ca = prof.ca.clone();
-    cfg.server_name = prof.server_name.clone();
-    let client = arrowbus::Client::connect(cfg).await?;
+    let (mut cluster, client) = DevCluster::start(&a.busd, &a.work_dir, a.port).await?;
     client
         .admin()
         .create_topic(
@@ -137,7 +67,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let template = Template::with_rows(100)?;
 
     // Publisher: sequential publishes, each ack's time and offset recorded.
-    let acks: Arc<Mutex<Vec<(Instant, u64, u64)>>> = Arc::default();
+    let acks: Arc<Mutex<Vec<AckSeen>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
         let (client, acks, stop, template) = (client.clone(), acks.clone(), stop.clone(), template);
@@ -153,7 +83,12 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
                 match producer.publish_to("failover", 0, &batch).await {
                     Ok(ack) => {
                         if let Ok(mut v) = acks.lock() {
-                            v.push((Instant::now(), ack.base_offset, seq));
+                            v.push(AckSeen {
+                                at: Instant::now(),
+                                offset: ack.base_offset,
+                                seq,
+                                appended_ms: ack.timestamp_ms,
+                            });
                         }
                     }
                     Err(_) => failures += 1,
@@ -168,10 +103,19 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     for round in 0..a.kills {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = client.admin().describe_topic("failover").await?.partitions[0].leader;
-        let Some(pid) = node_pid(&a.work_dir, leader) else {
+        let Some(pid) = cluster.node_pid(leader) else {
             bail!("round {round}: no process for leader node {leader}");
         };
         let killed_at = Instant::now();
+        let killed_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let killed_ms = i64::try_from(killed_unix.as_millis()).unwrap_or(i64::MAX);
+        eprintln!(
+            "kill {:>2}: SIGKILL to node {leader} (pid {pid}) at unix {:.3} s",
+            round + 1,
+            killed_unix.as_secs_f64()
+        );
         // SAFETY: SIGKILL to a process we started (directly or via busd dev).
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -179,11 +123,15 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
         let deadline = killed_at + Duration::from_secs(30);
         let first = loop {
             let hit = acks.lock().ok().and_then(|v| {
+                // The first batch the new leader appended: an ack that was
+                // already on its way from the killed leader does not count
+                // (its broker append time predates the kill).
                 v.iter()
                     .rev()
-                    .take_while(|x| x.0 > killed_at)
+                    .take_while(|x| x.at > killed_at)
+                    .filter(|x| x.appended_ms >= killed_ms)
                     .last()
-                    .map(|x| x.0)
+                    .map(|x| x.at)
             });
             if let Some(t) = hit {
                 break t;
@@ -200,21 +148,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
         );
         samples.push(ms);
         // Bring the node back for the next round.
-        let config = a.work_dir.join(format!("node-{leader}")).join("busd.toml");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(a.work_dir.join(format!("node-{leader}.restart.log")))?;
-        let child = Command::new(&a.busd)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("ARROWBUS_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("restarting the killed node")?;
-        cluster.restarted.push(child);
+        cluster.restart(&a.busd, leader)?;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let failures = publisher.await.unwrap_or(u64::MAX);
@@ -222,7 +156,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     // Every acknowledged batch is where its ack says.
     let acked: BTreeMap<u64, u64> = acks
         .lock()
-        .map(|v| v.iter().map(|(_, off, seq)| (*off, *seq)).collect())
+        .map(|v| v.iter().map(|a| (a.offset, a.seq)).collect())
         .unwrap_or_default();
     let mut found: BTreeMap<u64, u64> = BTreeMap::new();
     let mut sub = client
@@ -251,7 +185,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let report = format!(
         "# busbench failover — {}\n\n\
          Command: `busbench failover --busd {} --kills {}`\n\n\
-         Three local nodes (`busd dev --nodes 3`, fsync always, heartbeat 100 ms, election timeout 400–800 ms), \
+         Three local nodes (`busd dev --nodes 3`, fsync always, heartbeat 80 ms, election timeout 200–400 ms), \
          one partition with 3 replicas, one producer publishing 100-row batches back to back. \
          Sample = time from `kill -9` of the partition leader to the first acknowledgement after it.\n\n\
          | kills | median ms | max ms | acked batches | lost acked | publishes failed after retries |\n\

@@ -11,8 +11,10 @@
 
 mod bus;
 mod compare;
+mod devcluster;
 mod disk;
 mod failover;
+mod heartbeat;
 mod latency;
 mod report;
 mod run;
@@ -66,6 +68,9 @@ enum Cmd {
     /// Kill a 3-replica partition's leader repeatedly in a local 3-node
     /// cluster; report the time to the first ack on the new leader.
     Failover(failover::FailoverArgs),
+    /// CPU and memory of an idle three-node cluster as the number of
+    /// 3-replica partitions (Raft groups) grows.
+    Heartbeat(heartbeat::HeartbeatArgs),
     /// arrowbus side by side with Apache Kafka, NATS JetStream and Redis
     /// Streams on this machine (peers need `--features compare`).
     Compare(compare::CompareArgs),
@@ -226,12 +231,21 @@ impl RateSpec {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client-side events (handshakes, pipeline ends, retries) on stderr
+    // when asked for with RUST_LOG, e.g. RUST_LOG=arrowbus=debug.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let result = match cli.cmd {
         Cmd::Run(a) => cmd_run(a).map(|()| true),
         Cmd::Backlog(a) => cmd_backlog(a).map(|()| true),
         Cmd::Disk(a) => cmd_disk(a).map(|()| true),
         Cmd::Smoke(a) => cmd_smoke(a),
         Cmd::Failover(a) => failover::cmd_failover(a).map(|()| true),
+        Cmd::Heartbeat(a) => heartbeat::cmd_heartbeat(a).map(|()| true),
         Cmd::Compare(a) => compare::cmd_compare(a).map(|()| true),
     };
     match result {

@@ -151,7 +151,8 @@ pub struct QuicSettings {
     /// pipelines and subscriptions).
     pub max_concurrent_streams: u32,
     /// UDP socket send and receive buffer, in bytes (the kernel caps it at
-    /// net.core.{r,w}mem_max).
+    /// net.core.{r,w}mem_max unless busd has CAP_NET_ADMIN; busd warns
+    /// at start when it got less).
     pub socket_buffer_bytes: usize,
 }
 
@@ -164,7 +165,7 @@ impl Default for QuicSettings {
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             max_concurrent_streams: 1024,
-            socket_buffer_bytes: 8 * 1024 * 1024,
+            socket_buffer_bytes: arrowbus_quic::DEFAULT_SOCKET_BUFFER_BYTES,
         }
     }
 }

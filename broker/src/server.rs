@@ -792,48 +792,27 @@ pub fn bind_endpoint(
             q.idle_timeout_ms,
         ))?))
         .keep_alive_interval(Some(Duration::from_millis(q.keep_alive_ms)));
+    arrowbus_quic::tune_transport(&mut transport);
     let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
     server.transport_config(Arc::new(transport));
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot bind UDP {}: {e} (is another busd running there?)",
-            config.listen
-        )
-    })?;
-    set_socket_buffers(&socket, q.socket_buffer_bytes);
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?;
-    Ok(endpoint)
-}
-
-/// Larger UDP buffers let bursts of QUIC packets through without drops (the
-/// kernel default of ~200 KiB caps loopback throughput). Best effort: the
-/// kernel clamps to its maximum.
-fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    let v: libc::c_int = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: fd is a valid open socket for the duration of the call and
-        // the option value points at a live c_int of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    let (socket, buffers) =
+        arrowbus_quic::bind_udp(config.listen, q.socket_buffer_bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot bind UDP {}: {e} (is another busd running there?)",
+                config.listen
             )
-        };
-        if rc != 0 {
-            warn!(opt, "could not set UDP socket buffer size");
-        }
+        })?;
+    if buffers.clamped() {
+        warn!("{}", buffers.advice());
     }
+    let key_path = config.data_dir.join("quic-reset-key");
+    let (reset_key, replaced) = arrowbus_quic::load_or_create_reset_key(&key_path)
+        .map_err(|e| anyhow::anyhow!("QUIC reset key {}: {e}", key_path.display()))?;
+    if replaced {
+        warn!(path = %key_path.display(), "the QUIC reset key file was damaged and has been replaced");
+    }
+    Ok(arrowbus_quic::server_endpoint(socket, server, &reset_key)?)
 }
 
 pub fn local_addr(endpoint: &quinn::Endpoint) -> Option<SocketAddr> {

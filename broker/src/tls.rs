@@ -190,6 +190,7 @@ pub fn peer_client_config(files: &TlsFiles, ca: &Path) -> Result<quinn::ClientCo
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    arrowbus_quic::tune_transport(&mut transport);
     // A dead peer is noticed by RPC timeouts first; this only frees the
     // connection state.
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));

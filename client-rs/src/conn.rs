@@ -56,7 +56,16 @@ impl Conn {
         }
         .parse()
         .map_err(|e| Error::Config(format!("bind address: {e}")))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect {
+        // The client receives as much as it sends (acks, subscribed
+        // batches): it needs the same socket buffers as the broker.
+        let endpoint = arrowbus_quic::bind_udp(bind, arrowbus_quic::DEFAULT_SOCKET_BUFFER_BYTES)
+            .and_then(|(socket, buffers)| {
+                if buffers.clamped() {
+                    tracing::debug!("{}", buffers.advice());
+                }
+                arrowbus_quic::client_endpoint(socket)
+            });
+        let mut endpoint = endpoint.map_err(|e| Error::Connect {
             addr: first.clone(),
             reason: format!("cannot open a UDP socket: {e}"),
         })?;
@@ -106,7 +115,15 @@ impl Conn {
                 addr: addr_text.to_owned(),
                 reason: e.to_string(),
             })?;
-        let connection = match tokio::time::timeout(timeout, connecting).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(timeout, connecting).await;
+        tracing::debug!(
+            addr = addr_text,
+            ms = started.elapsed().as_millis() as u64,
+            ok = matches!(result, Ok(Ok(_))),
+            "QUIC handshake"
+        );
+        let connection = match result {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(Error::Connect {
@@ -341,6 +358,7 @@ fn transport_config() -> quinn::TransportConfig {
         // 500 ms cost a few bytes per second per node.
         .keep_alive_interval(Some(Duration::from_millis(400)))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    arrowbus_quic::tune_transport(&mut t);
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(2)) {
         t.max_idle_timeout(Some(idle));
     }

@@ -135,7 +135,7 @@ impl Client {
         &self,
         topic: &str,
         partition: u32,
-    ) -> Result<quinn::Connection> {
+    ) -> Result<(Option<u64>, quinn::Connection)> {
         let hint = self
             .leader_hints
             .lock()
@@ -152,9 +152,53 @@ impl Client {
             }
         };
         match leader {
-            Some(id) => self.conn.connection_to(id).await,
-            None => self.conn.primary().await,
+            Some(id) => Ok((Some(id), self.conn.connection_to(id).await?)),
+            None => Ok((None, self.conn.primary().await?)),
         }
+    }
+
+    /// Ask every known node except `except` who leads `topic`/`partition`;
+    /// the first answer naming another node wins. For a stalled stream: a
+    /// leader killed without a word (kill -9, power loss, partition) sends
+    /// nothing, and its connection only dies at the idle timeout, while the
+    /// surviving replicas know the new leader within an election timeout.
+    pub(crate) async fn leader_elsewhere(
+        &self,
+        topic: &str,
+        partition: u32,
+        except: u64,
+        timeout: std::time::Duration,
+    ) -> Option<u64> {
+        let others: Vec<u64> = self
+            .conn
+            .known_nodes()
+            .into_keys()
+            .filter(|id| *id != except)
+            .collect();
+        let asks = others.into_iter().map(|node| {
+            let msg = ClientMessage::DescribeTopic {
+                topic: topic.to_owned(),
+            };
+            Box::pin(async move {
+                match tokio::time::timeout(timeout, self.conn.request_to(node, &msg)).await {
+                    Ok(Ok(ServerMessage::Topic(info))) => info
+                        .partitions
+                        .get(partition as usize)
+                        .map(|p| p.leader)
+                        .filter(|l| *l != 0 && *l != except),
+                    _ => None,
+                }
+            })
+        });
+        let mut asks: Vec<_> = asks.collect();
+        while !asks.is_empty() {
+            let (found, _, rest) = futures::future::select_all(asks).await;
+            if found.is_some() {
+                return found;
+            }
+            asks = rest;
+        }
+        None
     }
 
     /// Record what a `NotLeader` said about a partition's leader; without a

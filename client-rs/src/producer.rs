@@ -71,6 +71,15 @@ impl Default for ProducerConfig {
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
+/// A pipeline whose oldest publish has waited this long asks the other
+/// nodes whether its partition has a new leader. Only a different answer
+/// acts, so a slow but healthy leader costs a few small requests, nothing
+/// more.
+const STALL_PROBE_AFTER: Duration = Duration::from_millis(300);
+/// How often a stalled pipeline asks again, and how long one ask may take.
+const STALL_PROBE_EVERY: Duration = Duration::from_millis(100);
+const STALL_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// Whether a failed attempt may succeed at another (or the same, later)
 /// leader, and the leader hint it carries.
 fn retry_hint(e: &Error) -> Option<Option<u64>> {
@@ -113,16 +122,23 @@ impl Future for PendingAck {
 /// One attempt: the answer of one pipeline.
 struct Attempt {
     rx: oneshot::Receiver<Result<Ack>>,
-    _pipeline: Arc<Pipeline>,
+    pipeline: Arc<Pipeline>,
 }
 
 impl Attempt {
-    async fn outcome(self) -> Result<Ack> {
-        self.rx.await.unwrap_or_else(|_| {
+    /// The answer, and the leader the pipeline's watchdog found when it
+    /// ended the pipeline (so the retry goes straight there).
+    async fn outcome(self) -> (Result<Ack>, Option<u64>) {
+        let result = self.rx.await.unwrap_or_else(|_| {
             Err(Error::Transport(
                 "publish outcome unknown: the producer stream ended".into(),
             ))
-        })
+        });
+        let moved_to = match self.pipeline.moved_to.load(Ordering::SeqCst) {
+            0 => None,
+            leader => Some(leader),
+        };
+        (result, moved_to)
     }
 }
 
@@ -283,16 +299,18 @@ impl Producer {
             let mut attempt = first;
             let mut backoff = RETRY_BACKOFF_MIN;
             loop {
-                let err = match attempt.outcome().await {
-                    Ok(ack) => return Ok(ack),
-                    Err(e) => e,
+                let (err, moved_to) = match attempt.outcome().await {
+                    (Ok(ack), _) => return Ok(ack),
+                    (Err(e), moved_to) => (e, moved_to),
                 };
                 let Some(hint) = retry_hint(&err) else {
                     return Err(err);
                 };
+                let hint = hint.or(moved_to);
                 if tokio::time::Instant::now() + backoff >= deadline {
                     return Err(err);
                 }
+                tracing::debug!(topic, partition, ?hint, error = %err, "publish retried");
                 producer.leader_moved(&topic, partition, hint).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
@@ -351,24 +369,93 @@ impl Producer {
 
 struct Pending {
     request_id: u64,
+    sent: tokio::time::Instant,
     tx: oneshot::Sender<Result<Ack>>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 struct Pipeline {
     send: tokio::sync::Mutex<quinn::SendStream>,
+    /// Publishes awaiting their ack, oldest first. `dead` is only set, and
+    /// the queue only drained, under this lock, so a publish is either
+    /// refused or answered, never forgotten.
     pending: Arc<Mutex<VecDeque<Pending>>>,
     count: Arc<Semaphore>,
     /// Byte window, in KiB permits (semaphore permits are u32 per acquire).
     kib: Arc<Semaphore>,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
+    /// The leader the watchdog found elsewhere (0: none).
+    moved_to: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some(w) = &self.watchdog {
+            w.abort();
+        }
+    }
+}
+
+/// End a pipeline: no new publishes enter, and every one in flight learns
+/// that its outcome is unknown (the retry loop resends it).
+fn end_pipeline(pending: &Mutex<VecDeque<Pending>>, dead: &AtomicBool, reason: &str) {
+    tracing::debug!(reason, "producer pipeline ended");
+    let drained: Vec<Pending> = match pending.lock() {
+        Ok(mut q) => {
+            dead.store(true, Ordering::SeqCst);
+            q.drain(..).collect()
+        }
+        Err(_) => {
+            dead.store(true, Ordering::SeqCst);
+            Vec::new()
+        }
+    };
+    for p in drained {
+        let _ = p.tx.send(Err(Error::Transport(format!(
+            "publish outcome unknown ({reason}): the batch may or may not be stored"
+        ))));
+    }
+}
+
+/// Watch a pipeline to `node` for stalls (see [`STALL_PROBE_AFTER`]) and end
+/// it as soon as another node names a different leader.
+async fn watch_leader(
+    client: Client,
+    topic: String,
+    partition: u32,
+    node: u64,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    dead: Arc<AtomicBool>,
+    moved_to: Arc<AtomicU64>,
+) {
+    loop {
+        tokio::time::sleep(STALL_PROBE_EVERY).await;
+        if dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let oldest = pending.lock().ok().and_then(|q| q.front().map(|p| p.sent));
+        if oldest.is_none_or(|t| t.elapsed() < STALL_PROBE_AFTER) {
+            continue;
+        }
+        if let Some(leader) = client
+            .leader_elsewhere(&topic, partition, node, STALL_PROBE_TIMEOUT)
+            .await
+        {
+            client.note_leader(&topic, partition, Some(leader));
+            moved_to.store(leader, Ordering::SeqCst);
+            end_pipeline(
+                &pending,
+                &dead,
+                &format!(
+                    "node {node} stopped answering and node {leader} now leads {topic}/{partition}"
+                ),
+            );
+            return;
+        }
     }
 }
 
@@ -379,7 +466,8 @@ impl Pipeline {
         partition: u32,
         cfg: &ProducerConfig,
     ) -> Result<Self> {
-        let connection = client.partition_connection(topic, partition).await?;
+        let (node, connection) = client.partition_connection(topic, partition).await?;
+        tracing::debug!(topic, partition, ?node, "producer pipeline opened");
         let (send, mut recv) = connection.open_bi().await.map_err(transport)?;
         let pending: Arc<Mutex<VecDeque<Pending>>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
@@ -440,16 +528,19 @@ impl Pipeline {
                     None => break format!("ack for request {request_id} that is not in flight"),
                 }
             };
-            d2.store(true, Ordering::SeqCst);
-            let drained: Vec<Pending> = p2
-                .lock()
-                .map(|mut q| q.drain(..).collect())
-                .unwrap_or_default();
-            for p in drained {
-                let _ = p.tx.send(Err(Error::Transport(format!(
-                    "publish outcome unknown ({end_reason}): the batch may or may not be stored"
-                ))));
-            }
+            end_pipeline(&p2, &d2, &end_reason);
+        });
+        let moved_to = Arc::new(AtomicU64::new(0));
+        let watchdog = node.map(|node| {
+            tokio::spawn(watch_leader(
+                client.clone(),
+                topic.to_owned(),
+                partition,
+                node,
+                pending.clone(),
+                dead.clone(),
+                moved_to.clone(),
+            ))
         });
         Ok(Self {
             send: tokio::sync::Mutex::new(send),
@@ -458,7 +549,9 @@ impl Pipeline {
             kib: Arc::new(Semaphore::new((cfg.max_inflight_bytes / 1024) as usize)),
             next_id: AtomicU64::new(1),
             dead,
+            moved_to,
             reader,
+            watchdog,
         })
     }
 
@@ -480,32 +573,36 @@ impl Pipeline {
             .map_err(closed)?;
         // The stream lock orders frames and the pending queue identically.
         let mut send = self.send.lock().await;
-        if self.dead.load(Ordering::SeqCst) {
-            return Err(Error::Transport("producer stream closed; retry".into()));
-        }
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| Error::Protocol("pending queue poisoned".into()))?
-            .push_back(Pending {
+        {
+            let mut pending = self
+                .pending
+                .lock()
+                .map_err(|_| Error::Protocol("pending queue poisoned".into()))?;
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(Error::Transport("producer stream closed; retry".into()));
+            }
+            pending.push_back(Pending {
                 request_id,
+                sent: tokio::time::Instant::now(),
                 tx,
                 _permits: (count, bytes),
             });
+        }
         let msg = ClientMessage::Publish(Publish {
             request_id,
             topic: topic.to_owned(),
             partition,
         });
         if let Err(e) = write_frame_chunks(&mut send, &msg, vec![header, body]).await {
-            self.dead.store(true, Ordering::SeqCst);
+            end_pipeline(&self.pending, &self.dead, "the producer stream broke");
             return Err(e);
         }
         drop(send);
         Ok(Attempt {
             rx,
-            _pipeline: self.clone(),
+            pipeline: self.clone(),
         })
     }
 }

@@ -220,7 +220,7 @@ async fn run_partition_once(
     tx: &mpsc::Sender<Result<Delivery>>,
     progress: &mut Progress,
 ) -> Result<()> {
-    let connection = client.partition_connection(topic, partition).await?;
+    let (_, connection) = client.partition_connection(topic, partition).await?;
     let (mut send, mut recv) = connection.open_bi().await.map_err(transport)?;
     let credit = Credit {
         bytes: opts.credit_bytes,

@@ -46,6 +46,9 @@ use crate::types::{
 /// unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Shortest time an append carrying entries may take (see `send_append`).
+const APPEND_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PeerError(pub String);
@@ -111,8 +114,13 @@ impl PeerPool {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(PeerResponse, Bytes), PeerError> {
-        let fut = async {
-            let conn = self.connection(addr).await?;
+        let timed_out = || PeerError(format!("rpc to {addr} timed out after {timeout:?}"));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = tokio::time::timeout_at(deadline, self.connection(addr))
+            .await
+            .map_err(|_| timed_out())??;
+        let received_before = conn.stats().udp_rx.datagrams;
+        let rpc = async {
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -123,9 +131,33 @@ impl PeerPool {
                 .await?
                 .ok_or_else(|| PeerError(format!("{addr} closed the stream without answering")))
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| PeerError(format!("rpc to {addr} timed out after {timeout:?}")))?
+        match tokio::time::timeout_at(deadline, rpc).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Not a single datagram (not even an ACK of our request) came
+                // back for the whole RPC: the process behind this connection
+                // is gone. A restarted peer is only found by a new handshake,
+                // since the old connection, backing off after its losses,
+                // would send its next packet (and meet the new process's
+                // stateless reset) seconds later.
+                if conn.stats().udp_rx.datagrams == received_before {
+                    self.forget(addr, &conn);
+                }
+                Err(timed_out())
+            }
+        }
+    }
+
+    /// Drop a dead connection so the next RPC to `addr` handshakes anew.
+    fn forget(&self, addr: &str, dead: &quinn::Connection) {
+        let mut conns = lock(&self.conns);
+        if conns
+            .get(addr)
+            .is_some_and(|c| c.stable_id() == dead.stable_id())
+        {
+            conns.remove(addr);
+            dead.close(quinn::VarInt::from_u32(0), b"peer stopped answering");
+        }
     }
 }
 
@@ -167,18 +199,14 @@ impl PeerClient {
         &self,
         rpc: PeerRpc,
         body: Bytes,
-        option: &RPCOption,
+        timeout: Duration,
     ) -> Result<(PeerResponse, Bytes), RPCError<TypeConfig>> {
         let req = PeerRequest {
             from: self.pool.me,
             group: self.group,
             rpc,
         };
-        match self
-            .pool
-            .call(&self.addr, &req, body, option.soft_ttl())
-            .await
-        {
+        match self.pool.call(&self.addr, &req, body, timeout).await {
             Ok((PeerResponse::Error { code, message }, _)) => {
                 let e = PeerError(format!(
                     "node {} refused: {message} (code {code})",
@@ -204,9 +232,20 @@ impl PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // openraft derives the append timeout from the heartbeat interval
+        // (75 ms at 100 ms), which a follower fsyncing megabytes on a busy
+        // disk overruns; a timed-out append is "unreachable" and backs the
+        // replication off, so large batches would stall replication
+        // exactly under load. Entries get a floor; empty heartbeats keep
+        // openraft's timeout.
+        let timeout = if rpc.entries.is_empty() {
+            option.soft_ttl()
+        } else {
+            option.soft_ttl().max(APPEND_TIMEOUT_MIN)
+        };
         let (req, body) =
             encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        match self.rpc(PeerRpc::Append(req), body, option).await? {
+        match self.rpc(PeerRpc::Append(req), body, timeout).await? {
             (PeerResponse::Append(r), _) => Ok(match r {
                 peer::AppendResponse::Success => AppendEntriesResponse::Success,
                 peer::AppendResponse::PartialSuccess(l) => {
@@ -268,7 +307,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         match self
-            .rpc(PeerRpc::Vote(encode_vote(&rpc)), Bytes::new(), &option)
+            .rpc(
+                PeerRpc::Vote(encode_vote(&rpc)),
+                Bytes::new(),
+                option.soft_ttl(),
+            )
             .await?
         {
             (PeerResponse::Vote(r), _) => Ok(decode_vote_response(&r)),
@@ -282,7 +325,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         match self
-            .rpc(PeerRpc::PreVote(encode_vote(&rpc)), Bytes::new(), &option)
+            .rpc(
+                PeerRpc::PreVote(encode_vote(&rpc)),
+                Bytes::new(),
+                option.soft_ttl(),
+            )
             .await?
         {
             (PeerResponse::Vote(r), _) => Ok(decode_vote_response(&r)),
@@ -304,7 +351,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             membership_log_id: meta.last_membership.log_id().as_ref().map(wire_log_id),
             membership: types::wire_membership(meta.last_membership.membership()),
         };
-        let call = self.rpc(PeerRpc::Snapshot(req), snapshot.snapshot.clone(), &option);
+        let call = self.rpc(
+            PeerRpc::Snapshot(req),
+            snapshot.snapshot.clone(),
+            option.soft_ttl(),
+        );
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = call => match r {
@@ -333,7 +384,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             last_log_id: req.last_log_id().map(wire_log_id),
         };
         match self
-            .rpc(PeerRpc::TransferLeader(w), Bytes::new(), &option)
+            .rpc(PeerRpc::TransferLeader(w), Bytes::new(), option.soft_ttl())
             .await?
         {
             (PeerResponse::TransferLeaderDone, _) => Ok(Ok(())),
