@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::WatchReceiver;
+
 use crate::log::{LogConfig, PartitionLog};
 use crate::network::{GroupNetwork, GroupRegistry, PeerPool};
-use crate::sm::{Applier, StateMachine};
+use crate::sm::{Applier, RestoreDone, StateMachine};
+use crate::snapshot::PartitionState;
 use crate::store::LogStore;
 use crate::types::{self, Applied, Command, LogId, NodeId, Raft};
 
@@ -42,8 +45,14 @@ impl RaftTiming {
             // a 16 MiB entry over a busy link needs longer than 100 ms.
             install_snapshot_timeout: 10_000,
             max_payload_entries: 256,
-            // The log is the topic: retention, not snapshots, decides what
-            // is deleted, so openraft never purges on its own.
+            // The log is the topic: retention decides what is deleted, so
+            // openraft never snapshots or purges on its own. Retention
+            // builds a snapshot at its cut and then asks for a purge up to
+            // exactly that cut (`Group::compact_to`). A policy plus
+            // `max_in_snapshot_log_to_keep` would not do: openraft snapshots
+            // at the applied point and purges relative to it, i.e. by entry
+            // counts, not at the segment boundary retention chose, so it
+            // could delete data still inside retention.
             max_in_snapshot_log_to_keep: u64::MAX,
             snapshot_policy: openraft::SnapshotPolicy::Never,
             enable_pre_vote: Some(true),
@@ -115,12 +124,63 @@ impl GroupEnv {
     }
 }
 
+/// How long [`Group::compact_to`] waits for the snapshot at the cut: a build
+/// is a few words of state, so this only covers a state machine busy
+/// applying a backlog; retention retries at its next check anyway.
+pub const COMPACT_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
 impl<A: Applier> Group<A> {
     /// Stop the group (it stops answering RPCs first) and close its log.
     pub async fn shutdown(&self, registry: &GroupRegistry) {
         registry.remove(self.id);
         let _ = self.raft.shutdown().await;
         self.store.log().close();
+    }
+
+    /// Retention through Raft: make entries up to partition-log index
+    /// `log_index` (a segment boundary chosen by
+    /// [`PartitionLog::retention_cut`], at or below the applied index)
+    /// deletable. Builds a snapshot at `log_index` unless the current one
+    /// already covers it, then asks openraft to purge up to it. openraft
+    /// never purges past its snapshot's last log id, and as leader it
+    /// postpones the purge while a replication stream still reads those
+    /// entries; a follower that needs them afterwards gets the snapshot.
+    ///
+    /// Returns false when the snapshot did not appear in time (retry later);
+    /// true once the purge is requested (it may complete later).
+    pub async fn compact_to(&self, log_index: u64) -> io::Result<bool> {
+        let raft_index = types::from_log_index(log_index);
+        let covered = |m: &openraft::RaftMetrics<types::TypeConfig>| {
+            m.snapshot.is_some_and(|s| s.index >= raft_index)
+        };
+        let fatal = |e: openraft::errors::Fatal<types::TypeConfig>| {
+            io::Error::other(format!("group {}: {e}", self.id))
+        };
+        if !covered(&self.raft.metrics().borrow_watched()) {
+            self.sm.request_snapshot_at(log_index);
+            self.raft.trigger().snapshot().await.map_err(fatal)?;
+            let built = tokio::time::timeout(
+                COMPACT_SNAPSHOT_WAIT,
+                self.raft
+                    .wait(None)
+                    .metrics(covered, "snapshot at the retention cut"),
+            )
+            .await;
+            if !matches!(built, Ok(Ok(_))) {
+                tracing::info!(
+                    group = self.id,
+                    log_index,
+                    "no snapshot at the retention cut yet; retrying at the next check"
+                );
+                return Ok(false);
+            }
+        }
+        self.raft
+            .trigger()
+            .purge_log(raft_index)
+            .await
+            .map_err(fatal)?;
+        Ok(true)
     }
 }
 
@@ -199,10 +259,11 @@ impl Applier for PartitionApplier {
         };
         let id = types::log_id(word(0), word(1), word(2));
         // The hint must name an entry this log holds, durably, with the
-        // same log id; otherwise re-apply from the start.
-        match self.log.entry(types::to_log_index(id.index)) {
-            Ok(Some(rec)) if types::from_stored(&rec.header.log_id) == id => {
-                self.next_offset = rec.header.next_offset();
+        // same log id (or the position a snapshot reset it to); otherwise
+        // re-apply from the snapshot or the start.
+        match self.log.next_offset_after(&types::stored_log_id(&id)) {
+            Ok(Some(next_offset)) => {
+                self.next_offset = next_offset;
                 self.last = Some(id);
                 Ok(Some(id))
             }
@@ -215,14 +276,71 @@ impl Applier for PartitionApplier {
     }
 
     fn snapshot(&self) -> io::Result<Vec<u8>> {
-        Ok(self.next_offset.to_le_bytes().to_vec())
+        PartitionState {
+            next_offset: self.next_offset,
+            ..PartitionState::default()
+        }
+        .encode()
     }
 
-    fn restore(&mut self, _last: Option<&LogId>, _data: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "installing a partition snapshot (a replica that fell behind retention) is not \
-             supported yet: re-create this replica from an empty data directory",
-        ))
+    fn snapshot_at(&self, log_index: u64) -> io::Result<Option<(LogId, Vec<u8>)>> {
+        // The state at an entry is the offset after it (no producer state
+        // exists yet; once it does, it must be kept as of segment
+        // boundaries to be describable here).
+        let purged = self.log.purged_position();
+        let at = if purged.last_index == log_index {
+            purged.last_log_id.map(|id| (id, purged.next_offset))
+        } else {
+            self.log
+                .entry(log_index)
+                .map_err(crate::store::io_err)?
+                .map(|b| (b.header.log_id, b.header.next_offset()))
+        };
+        let Some((id, next_offset)) = at else {
+            return Ok(None);
+        };
+        let state = PartitionState {
+            next_offset,
+            ..PartitionState::default()
+        };
+        Ok(Some((types::from_stored(&id), state.encode()?)))
+    }
+
+    fn restore(&mut self, last: Option<&LogId>, data: &[u8]) -> io::Result<Option<RestoreDone>> {
+        let state = PartitionState::decode(data)?;
+        let Some(last) = last.copied() else {
+            return Err(types::invalid(
+                "a partition snapshot without a last log id (nothing to continue from)",
+            ));
+        };
+        self.next_offset = state.next_offset;
+        self.last = Some(last);
+        let log = self.log.clone();
+        let stored = types::stored_log_id(&last);
+        Ok(Some(Box::pin(async move {
+            // Decide on durable entries only: an entry still being flushed
+            // may be the very one the snapshot ends at.
+            log.wait_flushed().await.map_err(crate::store::io_err)?;
+            match log
+                .next_offset_after(&stored)
+                .map_err(crate::store::io_err)?
+            {
+                // The log already continues from the snapshot's last entry
+                // (e.g. reinstalled at restart, or a follower that had it):
+                // keep it; openraft purges what the snapshot covers.
+                Some(n) if n == state.next_offset => Ok(()),
+                Some(n) => Err(types::invalid(format!(
+                    "snapshot ending at {last} says the next offset is {}, but this replica's \
+                     log has {n} after that entry",
+                    state.next_offset
+                ))),
+                // Missing or a different entry there: everything local is
+                // behind or off the committed log; start over after it.
+                None => log
+                    .reset_to(stored, state.next_offset)
+                    .await
+                    .map_err(crate::store::io_err),
+            }
+        })))
     }
 }
