@@ -344,3 +344,178 @@ impl Applier for PartitionApplier {
         })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot;
+    use crate::types::{log_id, Membership, SnapshotMeta, StoredMembership};
+    use arrowbus_wire::BatchHeader;
+    use bytes::Bytes;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_max_bytes: 4096,
+            index_interval_bytes: 256,
+            ..LogConfig::default()
+        }
+    }
+
+    fn membership() -> StoredMembership {
+        let nodes: BTreeMap<u64, crate::BasicNode> = (1..=3)
+            .map(|i| {
+                (
+                    i,
+                    crate::BasicNode {
+                        addr: format!("n{i}"),
+                    },
+                )
+            })
+            .collect();
+        let m = Membership::new(vec![(1..=3).collect::<BTreeSet<u64>>()], nodes).unwrap();
+        StoredMembership::new(Some(log_id(1, 1, 0)), m)
+    }
+
+    /// A data entry of `rows` rows at Raft index `raft_index`, term 1.
+    fn entry(raft_index: u64, rows: u32) -> crate::log::Entry {
+        let body = vec![raft_index as u8; 300];
+        let mut header = BatchHeader::for_body(&body, rows, 1).unwrap();
+        header.log_id = types::stored_log_id(&log_id(1, 1, raft_index));
+        crate::log::Entry {
+            header,
+            body: Bytes::from(body),
+        }
+    }
+
+    async fn open(dir: &Path) -> (Arc<PartitionLog>, StateMachine<PartitionApplier>) {
+        let (log, _) = PartitionLog::open(dir, cfg()).unwrap();
+        let sm = StateMachine::new(PartitionApplier::new(&log, dir), dir).unwrap();
+        (log, sm)
+    }
+
+    #[tokio::test]
+    async fn installing_a_snapshot_resets_the_log_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        // A replica that holds Raft entries 0..=9 (10 rows each).
+        let entries: Vec<_> = (0..10).map(|i| entry(i, 10)).collect();
+        log.append(entries).unwrap().await.unwrap();
+        // The leader's snapshot ends at Raft index 500, term 4, offset 9_000.
+        let last = log_id(4, 2, 500);
+        let data = crate::snapshot::PartitionState {
+            next_offset: 9_000,
+            ..Default::default()
+        }
+        .encode()
+        .unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(last),
+            last_membership: membership(),
+        };
+        sm.install_snapshot(&meta, Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            *sm.position().borrow(),
+            crate::sm::AppliedPosition {
+                index: 501,
+                next_offset: 9_000
+            }
+        );
+        assert_eq!(
+            log.purged_position().last_log_id,
+            Some(types::stored_log_id(&last))
+        );
+        assert_eq!(log.start_offset(), 9_000);
+        assert_eq!(log.stats().batches, 0);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(last));
+        let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, meta);
+        // Durable: the file says the same, and a restarted state machine
+        // offers it to openraft (which installs it again at start: the log
+        // already continues from it, so it is kept).
+        let (fm, fd) = snapshot::read_file(dir.path()).unwrap().unwrap();
+        assert_eq!((fm, &fd[..]), (meta.clone(), &data[..]));
+        log.append(vec![entry(501, 5)]).unwrap().await.unwrap();
+        log.close();
+        drop((log, sm));
+        let (log, mut sm) = open(dir.path()).await;
+        let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, meta);
+        sm.install_snapshot(&cur.meta, cur.snapshot).await.unwrap();
+        assert_eq!(
+            log.last_enqueued().last_index,
+            502,
+            "entry after the snapshot kept"
+        );
+        assert_eq!(log.entry(502).unwrap().unwrap().header.base_offset, 9_000);
+        assert_eq!(sm.position().borrow().next_offset, 9_000);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_decode_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        log.append(vec![entry(0, 3)]).unwrap().await.unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(2, 1, 50)),
+            last_membership: membership(),
+        };
+        let e = sm
+            .install_snapshot(&meta, Bytes::from_static(b"not a partition state"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(snapshot::read_file(dir.path()).unwrap().is_none());
+        assert_eq!(log.last_enqueued().last_index, 1);
+        assert!(log.entry(1).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_built_at_the_requested_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        // Raft index 0 is the membership; 1..=40 data of 7 rows each.
+        let mut first = entry(0, 0);
+        first.header.kind = arrowbus_wire::BatchKind::Raft;
+        let mut es = vec![first];
+        es.extend((1..=40).map(|i| entry(i, 7)));
+        log.append(es.clone()).unwrap().await.unwrap();
+        // Apply them, as openraft would (membership first).
+        let cmds: Vec<_> = es[1..]
+            .iter()
+            .map(|e| {
+                let id = types::from_stored(&e.header.log_id);
+                let mut header = e.header;
+                header.base_offset = (id.index - 1) * 7;
+                let body = e.body.clone();
+                (id, crate::types::Command { header, body })
+            })
+            .collect();
+        sm.apply_for_test(membership(), &cmds).unwrap();
+        // Cut at log index 21 (Raft index 20): 20 batches of 7 rows.
+        sm.request_snapshot_at(21);
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 20)));
+        let st = crate::snapshot::PartitionState::decode(&snap.snapshot).unwrap();
+        assert_eq!(st.next_offset, 140);
+        assert_eq!(sm.snapshot_last(), Some(log_id(1, 1, 20)));
+        // A cut beyond the applied point is not describable: the applied
+        // point is used instead.
+        sm.request_snapshot_at(1000);
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 40)));
+        let st = crate::snapshot::PartitionState::decode(&snap.snapshot).unwrap();
+        assert_eq!(st.next_offset, 280);
+        // An older build never replaces a newer current snapshot.
+        sm.request_snapshot_at(5);
+        let older = sm.build_snapshot().await.unwrap();
+        assert_eq!(older.meta.last_log_id, Some(log_id(1, 1, 4)));
+        assert_eq!(sm.snapshot_last(), Some(log_id(1, 1, 40)));
+        let (fm, _) = snapshot::read_file(dir.path()).unwrap().unwrap();
+        assert_eq!(fm.last_log_id, Some(log_id(1, 1, 40)));
+        log.close();
+    }
+}

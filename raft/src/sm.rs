@@ -219,6 +219,24 @@ impl<A: Applier> StateMachine<A> {
     }
 }
 
+#[cfg(test)]
+impl<A: Applier> StateMachine<A> {
+    /// Apply commands the way `apply` does, without openraft's stream.
+    pub(crate) fn apply_for_test(
+        &self,
+        membership: StoredMembership,
+        cmds: &[(LogId, Command)],
+    ) -> io::Result<()> {
+        let mut s = lock(&self.inner);
+        s.membership = membership;
+        for (id, cmd) in cmds {
+            s.applier.apply(id, cmd)?;
+            s.applied = Some(*id);
+        }
+        Ok(())
+    }
+}
+
 fn read_membership(path: &Path) -> io::Result<StoredMembership> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
