@@ -344,7 +344,11 @@ impl Applier for ControllerApplier {
         serde_json::to_vec(&self.state).map_err(io::Error::other)
     }
 
-    fn restore(&mut self, last: Option<&LogId>, data: &[u8]) -> io::Result<()> {
+    fn restore(
+        &mut self,
+        last: Option<&LogId>,
+        data: &[u8],
+    ) -> io::Result<Option<arrowbus_raft::sm::RestoreDone>> {
         let state: ControllerState = serde_json::from_slice(data)
             .map_err(|e| types::invalid(format!("controller snapshot: {e}")))?;
         self.db.clear().map_err(io::Error::other)?;
@@ -359,8 +363,10 @@ impl Applier for ControllerApplier {
                 .map_err(io::Error::other)?;
         }
         match last {
-            Some(l) => self.write(l, None, None),
-            None => self.db.flush().map(|_| ()).map_err(io::Error::other),
+            Some(l) => self.write(l, None, None)?,
+            None => self.db.flush().map(|_| ()).map_err(io::Error::other)?,
         }
+        // Everything above is already durable (sled flushed).
+        Ok(None)
     }
 }

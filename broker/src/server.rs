@@ -132,24 +132,28 @@ impl Broker {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,
             }
-            let topics = self.topics.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let now = crate::topics::now_ms();
-                let mut deleted = 0;
-                for t in topics.list() {
-                    for p in (0..t.partitions()).filter_map(|p| t.partition(p).ok()) {
-                        match p.log().enforce_retention(now, t.meta.retention_ms, t.meta.retention_bytes) {
-                            Ok(n) => deleted += n,
-                            Err(e) => warn!(topic = %t.meta.name, partition = p.id, error = %e, "retention failed"),
+            // Through Raft, never behind its back: a replicated partition's
+            // log is also its Raft log, which a lagging follower may still
+            // need. Each partition is snapshotted at its retention cut and
+            // openraft purges up to it (`Partition::enforce_retention`).
+            let now = crate::topics::now_ms();
+            for t in self.topics.list() {
+                if t.meta.retention_ms.is_none() && t.meta.retention_bytes.is_none() {
+                    continue;
+                }
+                for p in (0..t.partitions()).filter_map(|p| t.partition(p).ok()) {
+                    match p
+                        .enforce_retention(now, t.meta.retention_ms, t.meta.retention_bytes)
+                        .await
+                    {
+                        Ok(Some(cut)) => {
+                            debug!(topic = %t.meta.name, partition = p.id, cut, "retention: snapshot at the cut, purge requested")
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(topic = %t.meta.name, partition = p.id, error = %e, "retention failed")
                         }
                     }
-                }
-                deleted
-            })
-            .await;
-            if let Ok(n) = res {
-                if n > 0 {
-                    info!(segments = n, "retention deleted segments");
                 }
             }
         }

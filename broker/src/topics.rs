@@ -164,6 +164,30 @@ impl Partition {
         })
     }
 
+    /// Retention for this replica: when the topic's limits (whole sealed
+    /// segments, by age or total bytes) allow deleting a prefix of the log,
+    /// snapshot the partition at that cut and let Raft purge up to it.
+    /// Only applied entries are ever cut. Each replica does this for its own
+    /// log; a follower that falls behind the leader's cut installs the
+    /// leader's snapshot. Returns the cut (partition-log index) when a purge
+    /// was requested.
+    pub async fn enforce_retention(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<Option<u64>, BrokerError> {
+        let applied = self.group.sm.position().borrow().index;
+        let Some(cut) = self
+            .log()
+            .retention_cut(now_ms, retention_ms, retention_bytes, applied)
+        else {
+            return Ok(None);
+        };
+        let requested = self.group.compact_to(cut).await.map_err(storage_err)?;
+        Ok(requested.then_some(cut))
+    }
+
     pub fn info(&self) -> PartitionInfo {
         let s = self.log().stats();
         let m = self.group.raft.metrics().borrow_watched().clone();

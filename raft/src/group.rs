@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::WatchReceiver;
+
 use crate::log::{LogConfig, PartitionLog};
 use crate::network::{GroupNetwork, GroupRegistry, PeerPool};
-use crate::sm::{Applier, StateMachine};
+use crate::sm::{Applier, RestoreDone, StateMachine};
+use crate::snapshot::PartitionState;
 use crate::store::LogStore;
 use crate::types::{self, Applied, Command, LogId, NodeId, Raft};
 
@@ -47,8 +50,14 @@ impl RaftTiming {
             // a 16 MiB entry over a busy link needs longer than 100 ms.
             install_snapshot_timeout: 10_000,
             max_payload_entries: 256,
-            // The log is the topic: retention, not snapshots, decides what
-            // is deleted, so openraft never purges on its own.
+            // The log is the topic: retention decides what is deleted, so
+            // openraft never snapshots or purges on its own. Retention
+            // builds a snapshot at its cut and then asks for a purge up to
+            // exactly that cut (`Group::compact_to`). A policy plus
+            // `max_in_snapshot_log_to_keep` would not do: openraft snapshots
+            // at the applied point and purges relative to it, i.e. by entry
+            // counts, not at the segment boundary retention chose, so it
+            // could delete data still inside retention.
             max_in_snapshot_log_to_keep: u64::MAX,
             snapshot_policy: openraft::SnapshotPolicy::Never,
             enable_pre_vote: Some(true),
@@ -120,12 +129,63 @@ impl GroupEnv {
     }
 }
 
+/// How long [`Group::compact_to`] waits for the snapshot at the cut: a build
+/// is a few words of state, so this only covers a state machine busy
+/// applying a backlog; retention retries at its next check anyway.
+pub const COMPACT_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
 impl<A: Applier> Group<A> {
     /// Stop the group (it stops answering RPCs first) and close its log.
     pub async fn shutdown(&self, registry: &GroupRegistry) {
         registry.remove(self.id);
         let _ = self.raft.shutdown().await;
         self.store.log().close();
+    }
+
+    /// Retention through Raft: make entries up to partition-log index
+    /// `log_index` (a segment boundary chosen by
+    /// [`PartitionLog::retention_cut`], at or below the applied index)
+    /// deletable. Builds a snapshot at `log_index` unless the current one
+    /// already covers it, then asks openraft to purge up to it. openraft
+    /// never purges past its snapshot's last log id, and as leader it
+    /// postpones the purge while a replication stream still reads those
+    /// entries; a follower that needs them afterwards gets the snapshot.
+    ///
+    /// Returns false when the snapshot did not appear in time (retry later);
+    /// true once the purge is requested (it may complete later).
+    pub async fn compact_to(&self, log_index: u64) -> io::Result<bool> {
+        let raft_index = types::from_log_index(log_index);
+        let covered = |m: &openraft::RaftMetrics<types::TypeConfig>| {
+            m.snapshot.is_some_and(|s| s.index >= raft_index)
+        };
+        let fatal = |e: openraft::errors::Fatal<types::TypeConfig>| {
+            io::Error::other(format!("group {}: {e}", self.id))
+        };
+        if !covered(&self.raft.metrics().borrow_watched()) {
+            self.sm.request_snapshot_at(log_index);
+            self.raft.trigger().snapshot().await.map_err(fatal)?;
+            let built = tokio::time::timeout(
+                COMPACT_SNAPSHOT_WAIT,
+                self.raft
+                    .wait(None)
+                    .metrics(covered, "snapshot at the retention cut"),
+            )
+            .await;
+            if !matches!(built, Ok(Ok(_))) {
+                tracing::info!(
+                    group = self.id,
+                    log_index,
+                    "no snapshot at the retention cut yet; retrying at the next check"
+                );
+                return Ok(false);
+            }
+        }
+        self.raft
+            .trigger()
+            .purge_log(raft_index)
+            .await
+            .map_err(fatal)?;
+        Ok(true)
     }
 }
 
@@ -204,10 +264,11 @@ impl Applier for PartitionApplier {
         };
         let id = types::log_id(word(0), word(1), word(2));
         // The hint must name an entry this log holds, durably, with the
-        // same log id; otherwise re-apply from the start.
-        match self.log.entry(types::to_log_index(id.index)) {
-            Ok(Some(rec)) if types::from_stored(&rec.header.log_id) == id => {
-                self.next_offset = rec.header.next_offset();
+        // same log id (or the position a snapshot reset it to); otherwise
+        // re-apply from the snapshot or the start.
+        match self.log.next_offset_after(&types::stored_log_id(&id)) {
+            Ok(Some(next_offset)) => {
+                self.next_offset = next_offset;
                 self.last = Some(id);
                 Ok(Some(id))
             }
@@ -220,14 +281,246 @@ impl Applier for PartitionApplier {
     }
 
     fn snapshot(&self) -> io::Result<Vec<u8>> {
-        Ok(self.next_offset.to_le_bytes().to_vec())
+        PartitionState {
+            next_offset: self.next_offset,
+            ..PartitionState::default()
+        }
+        .encode()
     }
 
-    fn restore(&mut self, _last: Option<&LogId>, _data: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "installing a partition snapshot (a replica that fell behind retention) is not \
-             supported yet: re-create this replica from an empty data directory",
-        ))
+    fn snapshot_at(&self, log_index: u64) -> io::Result<Option<(LogId, Vec<u8>)>> {
+        // The state at an entry is the offset after it (no producer state
+        // exists yet; once it does, it must be kept as of segment
+        // boundaries to be describable here).
+        let purged = self.log.purged_position();
+        let at = if purged.last_index == log_index {
+            purged.last_log_id.map(|id| (id, purged.next_offset))
+        } else {
+            self.log
+                .entry(log_index)
+                .map_err(crate::store::io_err)?
+                .map(|b| (b.header.log_id, b.header.next_offset()))
+        };
+        let Some((id, next_offset)) = at else {
+            return Ok(None);
+        };
+        let state = PartitionState {
+            next_offset,
+            ..PartitionState::default()
+        };
+        Ok(Some((types::from_stored(&id), state.encode()?)))
+    }
+
+    fn restore(&mut self, last: Option<&LogId>, data: &[u8]) -> io::Result<Option<RestoreDone>> {
+        let state = PartitionState::decode(data)?;
+        let Some(last) = last.copied() else {
+            return Err(types::invalid(
+                "a partition snapshot without a last log id (nothing to continue from)",
+            ));
+        };
+        self.next_offset = state.next_offset;
+        self.last = Some(last);
+        let log = self.log.clone();
+        let stored = types::stored_log_id(&last);
+        Ok(Some(Box::pin(async move {
+            // Decide on durable entries only: an entry still being flushed
+            // may be the very one the snapshot ends at.
+            log.wait_flushed().await.map_err(crate::store::io_err)?;
+            match log
+                .next_offset_after(&stored)
+                .map_err(crate::store::io_err)?
+            {
+                // The log already continues from the snapshot's last entry
+                // (e.g. reinstalled at restart, or a follower that had it):
+                // keep it; openraft purges what the snapshot covers.
+                Some(n) if n == state.next_offset => Ok(()),
+                Some(n) => Err(types::invalid(format!(
+                    "snapshot ending at {last} says the next offset is {}, but this replica's \
+                     log has {n} after that entry",
+                    state.next_offset
+                ))),
+                // Missing or a different entry there: everything local is
+                // behind or off the committed log; start over after it.
+                None => log
+                    .reset_to(stored, state.next_offset)
+                    .await
+                    .map_err(crate::store::io_err),
+            }
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot;
+    use crate::types::{log_id, Membership, SnapshotMeta, StoredMembership};
+    use arrowbus_wire::BatchHeader;
+    use bytes::Bytes;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_max_bytes: 4096,
+            index_interval_bytes: 256,
+            ..LogConfig::default()
+        }
+    }
+
+    fn membership() -> StoredMembership {
+        let nodes: BTreeMap<u64, crate::BasicNode> = (1..=3)
+            .map(|i| {
+                (
+                    i,
+                    crate::BasicNode {
+                        addr: format!("n{i}"),
+                    },
+                )
+            })
+            .collect();
+        let m = Membership::new(vec![(1..=3).collect::<BTreeSet<u64>>()], nodes).unwrap();
+        StoredMembership::new(Some(log_id(1, 1, 0)), m)
+    }
+
+    /// A data entry of `rows` rows at Raft index `raft_index`, term 1.
+    fn entry(raft_index: u64, rows: u32) -> crate::log::Entry {
+        let body = vec![raft_index as u8; 300];
+        let mut header = BatchHeader::for_body(&body, rows, 1).unwrap();
+        header.log_id = types::stored_log_id(&log_id(1, 1, raft_index));
+        crate::log::Entry {
+            header,
+            body: Bytes::from(body),
+        }
+    }
+
+    async fn open(dir: &Path) -> (Arc<PartitionLog>, StateMachine<PartitionApplier>) {
+        let (log, _) = PartitionLog::open(dir, cfg()).unwrap();
+        let sm = StateMachine::new(PartitionApplier::new(&log, dir), dir).unwrap();
+        (log, sm)
+    }
+
+    #[tokio::test]
+    async fn installing_a_snapshot_resets_the_log_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        // A replica that holds Raft entries 0..=9 (10 rows each).
+        let entries: Vec<_> = (0..10).map(|i| entry(i, 10)).collect();
+        log.append(entries).unwrap().await.unwrap();
+        // The leader's snapshot ends at Raft index 500, term 4, offset 9_000.
+        let last = log_id(4, 2, 500);
+        let data = crate::snapshot::PartitionState {
+            next_offset: 9_000,
+            ..Default::default()
+        }
+        .encode()
+        .unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(last),
+            last_membership: membership(),
+        };
+        sm.install_snapshot(&meta, Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            *sm.position().borrow(),
+            crate::sm::AppliedPosition {
+                index: 501,
+                next_offset: 9_000
+            }
+        );
+        assert_eq!(
+            log.purged_position().last_log_id,
+            Some(types::stored_log_id(&last))
+        );
+        assert_eq!(log.start_offset(), 9_000);
+        assert_eq!(log.stats().batches, 0);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(last));
+        let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, meta);
+        // Durable: the file says the same, and a restarted state machine
+        // offers it to openraft (which installs it again at start: the log
+        // already continues from it, so it is kept).
+        let (fm, fd) = snapshot::read_file(dir.path()).unwrap().unwrap();
+        assert_eq!((fm, &fd[..]), (meta.clone(), &data[..]));
+        log.append(vec![entry(501, 5)]).unwrap().await.unwrap();
+        log.close();
+        drop((log, sm));
+        let (log, mut sm) = open(dir.path()).await;
+        let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, meta);
+        sm.install_snapshot(&cur.meta, cur.snapshot).await.unwrap();
+        assert_eq!(
+            log.last_enqueued().last_index,
+            502,
+            "entry after the snapshot kept"
+        );
+        assert_eq!(log.entry(502).unwrap().unwrap().header.base_offset, 9_000);
+        assert_eq!(sm.position().borrow().next_offset, 9_000);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_decode_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        log.append(vec![entry(0, 3)]).unwrap().await.unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(2, 1, 50)),
+            last_membership: membership(),
+        };
+        let e = sm
+            .install_snapshot(&meta, Bytes::from_static(b"not a partition state"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(snapshot::read_file(dir.path()).unwrap().is_none());
+        assert_eq!(log.last_enqueued().last_index, 1);
+        assert!(log.entry(1).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_built_at_the_requested_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path()).await;
+        // Raft index 0 is the membership; 1..=40 data of 7 rows each.
+        let mut first = entry(0, 0);
+        first.header.kind = arrowbus_wire::BatchKind::Raft;
+        let mut es = vec![first];
+        es.extend((1..=40).map(|i| entry(i, 7)));
+        log.append(es.clone()).unwrap().await.unwrap();
+        // Apply them, as openraft would (membership first).
+        let cmds: Vec<_> = es[1..]
+            .iter()
+            .map(|e| {
+                let id = types::from_stored(&e.header.log_id);
+                let mut header = e.header;
+                header.base_offset = (id.index - 1) * 7;
+                let body = e.body.clone();
+                (id, crate::types::Command { header, body })
+            })
+            .collect();
+        sm.apply_for_test(membership(), &cmds).unwrap();
+        // Cut at log index 21 (Raft index 20): 20 batches of 7 rows.
+        sm.request_snapshot_at(21);
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 20)));
+        let st = crate::snapshot::PartitionState::decode(&snap.snapshot).unwrap();
+        assert_eq!(st.next_offset, 140);
+        assert_eq!(sm.snapshot_last(), Some(log_id(1, 1, 20)));
+        // A cut beyond the applied point is not describable: the applied
+        // point is used instead.
+        sm.request_snapshot_at(1000);
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 40)));
+        let st = crate::snapshot::PartitionState::decode(&snap.snapshot).unwrap();
+        assert_eq!(st.next_offset, 280);
+        // An older build never replaces a newer current snapshot.
+        sm.request_snapshot_at(5);
+        let older = sm.build_snapshot().await.unwrap();
+        assert_eq!(older.meta.last_log_id, Some(log_id(1, 1, 4)));
+        assert_eq!(sm.snapshot_last(), Some(log_id(1, 1, 40)));
+        let (fm, _) = snapshot::read_file(dir.path()).unwrap().unwrap();
+        assert_eq!(fm.last_log_id, Some(log_id(1, 1, 40)));
+        log.close();
     }
 }

@@ -8,20 +8,27 @@
 //!   group implements.
 //! - [`network`]: Raft RPCs over QUIC, every group multiplexed on one
 //!   connection per peer.
-//! - [`group`]: opening a group; the partition applier.
+//! - [`group`]: opening a group; the partition applier; retention through
+//!   snapshots ([`group::Group::compact_to`]).
+//! - [`snapshot`]: the snapshot file and a partition's snapshot state.
 //!
 //! openraft is pinned to an exact 0.10 alpha: the 0.10 line has the storage
 //! API this design needs (flush callbacks for group commit, `truncate_after`,
 //! pre-vote, leader transfer). Its known pitfalls and how they are handled
 //! here: the vote is fsynced before `save_vote` returns and only after
 //! earlier appends are durable; the flush callback fires only after fsync;
-//! openraft never purges the log by itself (retention does, by segment).
+//! openraft never purges the log by itself: retention decides a cut at a
+//! segment boundary, a snapshot is built at that cut, and only then is
+//! openraft asked to purge up to it (never past the snapshot, never what is
+//! not applied). Snapshots are small state, not data, so a transfer in
+//! flight never depends on log entries a purge removes.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod group;
 pub mod log;
 pub mod network;
 pub mod sm;
+pub mod snapshot;
 pub mod store;
 pub mod types;
 

@@ -264,6 +264,38 @@ impl PeerClient {
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = Bytes;
 
+    /// openraft's sequential stream, opened only once the peer is reachable.
+    /// A stream opened to a dead peer fails per request, and openraft does
+    /// not report such failures to its engine: a leader would then count
+    /// the follower's whole log range as in flight and postpone every purge
+    /// (retention) for as long as the follower is down. Failing at the start
+    /// of the session is reported: openraft resets the in-flight state,
+    /// purges, and backs off; the follower gets a snapshot when it is back.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            futures::stream::BoxStream<
+                's,
+                Result<openraft::raft::StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
+            >,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            if let Err(e) = self.pool.connection(&self.addr).await {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            openraft::network::stream_append_sequential(self, input, option).await
+        })
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

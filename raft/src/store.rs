@@ -301,10 +301,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Whole sealed segments only; entries up to `log_id` that share a
         // segment with newer ones stay readable until that segment goes.
-        self.inner
+        // openraft only asks for this up to a snapshot's last log id.
+        let n = self
+            .inner
             .log
             .purge_to(types::to_log_index(log_id.index))
             .map_err(io_err)?;
+        if n > 0 {
+            let log = &self.inner.log;
+            tracing::info!(dir = %log.dir().display(), segments = n, up_to = %log_id,
+                earliest_offset = log.start_offset(), "purged log segments covered by the snapshot");
+        }
         Ok(())
     }
 }

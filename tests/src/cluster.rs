@@ -43,6 +43,13 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` nodes (ids 1..=n), all initial controller voters.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, "")
+    }
+
+    /// Like [`Cluster::start`], with `extra_toml` appended to every node's
+    /// config (after its `[cluster]` table), e.g. a `[log]` table with small
+    /// segments and a fast retention check.
+    pub fn start_with(n: usize, extra_toml: &str) -> Self {
         let root = tempfile::Builder::new()
             .prefix("arrowbus-cluster-")
             .tempdir()
@@ -64,7 +71,7 @@ impl Cluster {
             let config = format!(
                 "node_id = {id}\ndata_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\n\n\
                  [tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\n\
-                 [cluster]\npeers = [{peers}]\n",
+                 [cluster]\npeers = [{peers}]\n\n{extra_toml}",
                 id = i + 1,
                 data = dir.join("data").display().to_string(),
                 cert = tls_dir.join("node.pem").display().to_string(),
@@ -218,6 +225,23 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Partition `p`'s directory of the topic whose directory name starts with
+/// `topic_dir_prefix` (e.g. `"ticks-"`) on `node`.
+pub fn partition_dir(node: &Node, topic_dir_prefix: &str, p: u32) -> PathBuf {
+    let topics = node.data_dir().join("topics");
+    std::fs::read_dir(&topics)
+        .unwrap_or_else(|e| panic!("{}: {e}", topics.display()))
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(topic_dir_prefix)
+        })
+        .unwrap_or_else(|| panic!("node {} has no {topic_dir_prefix}* directory", node.id))
+        .path()
+        .join(format!("p-{p}"))
 }
 
 /// The data records of a partition log on disk (a stopped node's):

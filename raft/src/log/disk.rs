@@ -214,6 +214,43 @@ pub(crate) fn decode_seg_header(b: &[u8]) -> Result<SegMeta, String> {
     Ok(SegMeta::empty(base_index, le64(&b[16..24]), prev))
 }
 
+/// Name of the reset marker: while it exists, the log is being replaced by
+/// an empty one (see [`super::PartitionLog::reset_to`]). It holds the header
+/// of the segment that replaces every other one, so it has the segment
+/// header's magic, CRC and version.
+pub(crate) const RESET_MARKER: &str = "reset";
+
+pub(crate) fn reset_marker_path(dir: &Path) -> PathBuf {
+    dir.join(RESET_MARKER)
+}
+
+/// Reads a reset marker: `Ok(None)` when there is none; `Err(reason)` when
+/// one exists but is not a valid segment header with a previous log id
+/// (it is written atomically, so that is damage, not a torn write).
+pub(crate) fn read_reset_marker(path: &Path) -> Result<Option<SegMeta>, LogError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("read", path, e)),
+    };
+    let corrupt = |reason: String| LogError::Corrupt {
+        path: path.to_owned(),
+        position: 0,
+        reason: format!("reset marker: {reason}"),
+    };
+    if bytes.len() as u64 != SEG_HEADER_BYTES {
+        return Err(corrupt(format!(
+            "{} bytes, expected {SEG_HEADER_BYTES}",
+            bytes.len()
+        )));
+    }
+    let meta = decode_seg_header(&bytes).map_err(corrupt)?;
+    if meta.prev.is_none() {
+        return Err(corrupt("no previous log id".into()));
+    }
+    Ok(Some(meta))
+}
+
 /// Encodes a sealed segment's sparse index with its trailing CRC.
 pub(crate) fn encode_idx(m: &SegMeta, entries: &[IndexEntry]) -> Vec<u8> {
     let mut b = Vec::with_capacity(IDX_FIXED_BYTES + entries.len() * IDX_ENTRY_BYTES + 4);

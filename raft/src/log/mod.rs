@@ -30,6 +30,7 @@
 //!   00000000000000000001.idx    its sparse index (sealed segments only)
 //!   00000000000000000873.seg    the active segment: the only one written
 //!   *.tmp                       half-made files; deleted on open
+//!   reset                       only while a reset is under way (below)
 //!
 //! segment file:
 //!   off size
@@ -54,6 +55,16 @@
 //! ```
 //! New files are written as `*.tmp`, fsynced, renamed, and the directory is
 //! fsynced, so a file with a final name is always complete.
+//!
+//! # Reset (a replica installing a snapshot)
+//! [`PartitionLog::reset_to`] replaces the whole log by an empty one that
+//! starts after a given log id and offset. It is a redo operation: first the
+//! `reset` marker (the new segment's header) is made durable, then every
+//! segment and index is deleted, the new empty segment is created, and the
+//! marker is removed. A crash before the marker is durable leaves the old
+//! log; a crash after it leaves a marker, and [`PartitionLog::open`] finishes
+//! the reset before anything else. So a kill -9 at any point ends in either
+//! the old or the new log, never a mix.
 //!
 //! # Durability and failure
 //! Records are written with positioned writes at a position the writer
@@ -497,6 +508,11 @@ struct Inner {
     fsyncs: AtomicU64,
     queued_bytes: AtomicU64,
     queued_entries: AtomicU64,
+    /// Held by whoever deletes or replaces segment files outside the writer's
+    /// appends (purge, retention, reset), so that a purge that already took
+    /// segments out of the list cannot unlink a file a reset just created
+    /// under the same name.
+    removal: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -560,6 +576,7 @@ impl PartitionLog {
             fsyncs: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
             queued_entries: AtomicU64::new(0),
+            removal: Mutex::new(()),
         });
         let handle = writer::spawn(inner.clone(), rx)?;
         tracing::info!(dir = %dir.display(), segments = report.segments, entries = report.entries,
@@ -847,21 +864,136 @@ impl PartitionLog {
     /// Deletes the oldest sealed segments while the log holds more than
     /// `retention_bytes`, or while a segment's newest timestamp is older than
     /// `now_ms - retention_ms`. Never the active segment.
+    ///
+    /// This bypasses Raft: only for a log that is not a replicated group's
+    /// (tests, tools). A group's retention goes through
+    /// [`PartitionLog::retention_cut`] and a snapshot, see
+    /// [`crate::group::Group::compact_to`].
     pub fn enforce_retention(
         &self,
         now_ms: i64,
         retention_ms: Option<u64>,
         retention_bytes: Option<u64>,
     ) -> Result<u64, LogError> {
-        let horizon =
-            retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
-        self.delete_oldest(|seg, total| {
-            retention_bytes.is_some_and(|b| total > b)
-                || horizon.is_some_and(|h| seg.meta.last_ts() < h)
-        })
+        self.delete_oldest(retention_pred(now_ms, retention_ms, retention_bytes))
+    }
+
+    /// Where retention would cut: the last log index of the oldest sealed
+    /// segments [`PartitionLog::enforce_retention`] would delete, limited to
+    /// segments whose entries all have index <= `max_index` (the applied
+    /// index: a snapshot can only describe applied state). `None`: nothing
+    /// beyond what is already purged. Reads segment metadata only.
+    pub fn retention_cut(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+        max_index: u64,
+    ) -> Option<u64> {
+        let mut pred = retention_pred(now_ms, retention_ms, retention_bytes);
+        let s = self.inner.segs();
+        let purged = s.first().map_or(0, |g| g.meta.base_index - 1);
+        let mut total: u64 = s.list.iter().map(|g| g.meta.len).sum();
+        let mut cut = None;
+        // Bounded by the segment count; the last (active) one always stays.
+        for seg in s.list.iter().take(s.list.len().saturating_sub(1)) {
+            if !seg.sealed || seg.meta.last_index() > max_index || !pred(seg, total) {
+                break;
+            }
+            total -= seg.meta.len;
+            cut = Some(seg.meta.last_index());
+        }
+        cut.filter(|c| *c > purged)
+    }
+
+    /// The offset after entry `id` if this log holds it, as a retained entry
+    /// or as its purged position (the log id just before its first entry);
+    /// `None` when it does not (not retained, never written, or another
+    /// entry at that index). Only durable entries count.
+    pub fn next_offset_after(&self, id: &LogId) -> Result<Option<u64>, LogError> {
+        let purged = self.purged_position();
+        if purged.last_index == id.index {
+            return Ok((purged.last_log_id == Some(*id)).then_some(purged.next_offset));
+        }
+        Ok(self
+            .entry(id.index)?
+            .filter(|b| b.header.log_id == *id)
+            .map(|b| b.header.next_offset()))
+    }
+
+    /// Waits until everything enqueued so far is durable (or the log fails
+    /// or closes).
+    pub async fn wait_flushed(&self) -> Result<(), LogError> {
+        let target = self.last_enqueued().last_index;
+        let mut rx = self.flushed();
+        rx.wait_for(|p| p.last_index >= target)
+            .await
+            .map(|_| ())
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Replaces the whole log by an empty one whose last log id is `last`
+    /// and whose next offset is `next_offset` (a replica installing a
+    /// snapshot that ends at `last`). Serialized with appends and
+    /// truncations through the writer: appends enqueued before it are
+    /// written and then discarded; appends enqueued after it continue at
+    /// `last.index + 1`. Crash-safe (module doc, "Reset"). A failure leaves
+    /// the log [`LogError::Failed`]: the on-disk state is then only known to
+    /// recovery.
+    pub fn reset_to(
+        &self,
+        last: LogId,
+        next_offset: u64,
+    ) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
+        let res = self.enqueue_reset(last, next_offset);
+        async move {
+            match res {
+                Ok(rx) => rx.await.unwrap_or(Err(LogError::Closed)),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    fn enqueue_reset(
+        &self,
+        last: LogId,
+        next_offset: u64,
+    ) -> Result<oneshot::Receiver<Result<(), LogError>>, LogError> {
+        if last.index == 0 {
+            return Err(LogError::InvalidEntry {
+                index: 0,
+                reason: "a reset needs a last log id with index >= 1".into(),
+            });
+        }
+        let mut enq = lock(&self.inner.enq);
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(LogError::Failed);
+        }
+        if enq.tx.is_none() {
+            return Err(LogError::Closed);
+        }
+        enq.pos = LogPosition {
+            last_index: last.index,
+            last_log_id: Some(last),
+            next_offset,
+        };
+        // Nothing before the reset can be truncated back to any more.
+        enq.inflight.clear();
+        let (tx, rx) = oneshot::channel();
+        let req = writer::Request::Reset(writer::ResetReq {
+            epoch: enq.epoch,
+            last,
+            next_offset,
+            tx,
+        });
+        match enq.tx.as_ref().map(|t| t.send(req)) {
+            Some(Ok(())) => Ok(rx),
+            _ => Err(LogError::Closed),
+        }
     }
 
     fn delete_oldest(&self, mut pred: impl FnMut(&Segment, u64) -> bool) -> Result<u64, LogError> {
+        let _removal = lock(&self.inner.removal);
         let removed: Vec<Segment> = {
             let mut s = self.inner.segs_mut();
             let mut total: u64 = s.list.iter().map(|g| g.meta.len).sum();
@@ -1191,6 +1323,52 @@ fn read_record(
     Ok(StoredBatch { header: h, record })
 }
 
+/// Retention's predicate over the oldest segments: more than
+/// `retention_bytes` in total, or newest entry older than the horizon.
+fn retention_pred(
+    now_ms: i64,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+) -> impl FnMut(&Segment, u64) -> bool {
+    let horizon =
+        retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+    move |seg: &Segment, total: u64| {
+        retention_bytes.is_some_and(|b| total > b)
+            || horizon.is_some_and(|h| seg.meta.last_ts() < h)
+    }
+}
+
+/// Deletes every segment and index file in `dir` and creates the empty
+/// segment `meta` in their place (durably). Idempotent, so recovery can
+/// repeat it after a crash part-way.
+fn replace_all_segments(dir: &Path, meta: &SegMeta) -> Result<(PathBuf, File), LogError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| disk::io_err("list", dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| disk::io_err("list", dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if parse_name(name, ".seg").is_some() || parse_name(name, ".idx").is_some() {
+            disk::remove_if_exists(&ent.path())?;
+        }
+    }
+    // Its directory fsync also makes the deletions durable.
+    create_segment(dir, meta)
+}
+
+/// Finishes a reset that a crash interrupted (module doc, "Reset"): with a
+/// durable marker, the new empty log is what was decided.
+fn complete_reset(dir: &Path) -> Result<(), LogError> {
+    let marker = disk::reset_marker_path(dir);
+    let Some(meta) = disk::read_reset_marker(&marker)? else {
+        return Ok(());
+    };
+    tracing::warn!(dir = %dir.display(), base_index = meta.base_index, base_offset = meta.base_offset,
+        "finishing an interrupted log reset (snapshot install)");
+    replace_all_segments(dir, &meta)?;
+    disk::remove_if_exists(&marker)?;
+    disk::fsync_dir(dir)
+}
+
 fn open_rw(path: &Path) -> Result<File, LogError> {
     OpenOptions::new()
         .read(true)
@@ -1248,6 +1426,7 @@ fn write_idx(dir: &Path, meta: &SegMeta, index: &[IndexEntry]) -> Result<(), Log
 /// Recovery (module doc): verify and load every segment, cut a torn tail.
 fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryReport), LogError> {
     let mut report = RecoveryReport::default();
+    complete_reset(dir)?;
     let mut bases = Vec::new();
     let mut idxs = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| disk::io_err("list", dir, e))?;

@@ -931,3 +931,329 @@ fn handles_are_send_and_sync() {
     send::<Cursor>();
     send::<StoredBatch>();
 }
+
+// ---- reset (snapshot install) and retention cuts ---------------------------
+
+/// The log id of entry `index` as the snapshot's leader wrote it.
+fn snap_id(index: u64) -> LogId {
+    LogId {
+        term: 7,
+        leader: 3,
+        index,
+    }
+}
+
+/// A data entry of term 7 (the snapshot's leader) at `index`.
+fn after_snap(index: u64) -> Entry {
+    mk(index, 7, BatchKind::Data, 3, index as i64 * 10, 200)
+}
+
+/// Everything a reset log must say about itself: empty at `(last, next)`,
+/// appends continue there, reads see exactly the new entries.
+async fn check_reset_state(log: &PartitionLog, last: LogId, next_offset: u64) {
+    let empty = LogPosition {
+        last_index: last.index,
+        last_log_id: Some(last),
+        next_offset,
+    };
+    assert_eq!(log.purged_position(), empty, "purged position");
+    assert_eq!(log.last_enqueued(), empty, "last enqueued");
+    assert_eq!(*log.flushed().borrow(), empty, "flushed");
+    let st = log.stats();
+    assert_eq!(
+        (st.start_offset, st.next_offset, st.batches, st.segments),
+        (next_offset, next_offset, 0, 1)
+    );
+    assert_eq!(log.first_index(), last.index + 1);
+    assert_eq!(log.next_offset_after(&last).unwrap(), Some(next_offset));
+    assert!(log.entry(last.index).unwrap().is_none());
+    assert!(matches!(
+        log.seek_offset(next_offset - 1),
+        Err(LogError::OffsetOutOfRange { start, .. }) if start == next_offset
+    ));
+}
+
+#[tokio::test]
+async fn reset_to_empties_the_log_at_the_snapshot_position_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(seed());
+    let (log, m) = filled(dir.path(), 120, &mut rng).await;
+    assert!(seg_files(dir.path()).len() > 3, "needs several segments");
+    let mut old_cursor = log.seek_offset(0).unwrap();
+    // The snapshot is far ahead of this replica's log, at another term.
+    let last = snap_id(500);
+    let next_offset = m.next_offset() + 10_000;
+    log.reset_to(last, next_offset).await.unwrap();
+    check_reset_state(&log, last, next_offset).await;
+    assert_eq!(
+        seg_files(dir.path()),
+        vec![dir.path().join("00000000000000000501.seg")]
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["00000000000000000501.seg".to_owned()],
+        "no index, marker or temp file left"
+    );
+    // A reader positioned in the old log is told its offset is gone.
+    assert!(matches!(
+        log.read(&mut old_cursor, u64::MAX),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // Appends below or at the snapshot are refused; after it they continue.
+    assert!(matches!(
+        log.append(vec![after_snap(500)]),
+        Err(LogError::NonContiguous {
+            expected: 501,
+            got: 500
+        })
+    ));
+    let a = app(&log, vec![after_snap(501), after_snap(502)]).await;
+    assert_eq!(a[0].base_offset, next_offset);
+    assert_eq!(a[1].base_offset, next_offset + 3);
+    let mut c = log.seek_offset(next_offset).unwrap();
+    let b = log.read(&mut c, u64::MAX).unwrap().unwrap();
+    assert_eq!(
+        (b.header.log_id, b.header.base_offset),
+        (after_snap(501).header.log_id, next_offset)
+    );
+    assert_eq!(
+        log.read(&mut c, u64::MAX)
+            .unwrap()
+            .unwrap()
+            .header
+            .log_id
+            .index,
+        502
+    );
+    // Truncation cannot reach below the snapshot.
+    assert!(matches!(
+        log.truncate_from(500).await,
+        Err(LogError::IndexOutOfRange { .. })
+    ));
+    log.truncate_from(502).await.unwrap();
+    assert_eq!(log.last_enqueued().last_index, 501);
+    // Reopened, it is the same log.
+    log.close();
+    drop(log);
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    assert_eq!(log.purged_position().last_log_id, Some(last));
+    assert_eq!(log.start_offset(), next_offset);
+    assert_eq!(log.last_enqueued().last_index, 501);
+    assert_eq!(log.last_enqueued().next_offset, next_offset + 3);
+    let a = app(&log, vec![after_snap(502)]).await;
+    assert_eq!(a[0].base_offset, next_offset + 3);
+}
+
+#[tokio::test]
+async fn reset_is_ordered_with_queued_appends_and_refuses_index_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    assert!(matches!(
+        log.reset_to(snap_id(0), 5).await,
+        Err(LogError::InvalidEntry { .. })
+    ));
+    // Appends queued before the reset are written, then discarded by it;
+    // an append enqueued right after it continues at the new position
+    // without waiting for it.
+    let before = log.append(vec![data(1, 2, 100), data(2, 2, 100)]).unwrap();
+    let reset = log.reset_to(snap_id(40), 77);
+    let after = log.append(vec![after_snap(41)]).unwrap();
+    assert_eq!(before.await.unwrap().len(), 2);
+    reset.await.unwrap();
+    let a = after.await.unwrap();
+    assert_eq!((a[0].log_id.index, a[0].base_offset), (41, 77));
+    assert_eq!(log.first_index(), 41);
+    assert!(log.entry(1).unwrap().is_none());
+    assert_eq!(log.stats().batches, 1);
+    // A second reset (a newer snapshot) replaces this one too.
+    log.reset_to(snap_id(90), 500).await.unwrap();
+    check_reset_state(&log, snap_id(90), 500).await;
+}
+
+/// kill -9 at each step of a reset, reproduced on disk: before the marker
+/// is durable the old log survives; from then on recovery finishes the
+/// reset. No state in between is ever opened.
+#[tokio::test]
+async fn a_reset_interrupted_at_any_step_recovers_to_the_old_or_the_new_log() {
+    let seed = seed();
+    let last = snap_id(300);
+    let next_offset = 12_345;
+    let marker = disk::encode_seg_header(&SegMeta::empty(301, next_offset, Some(last)));
+    for step in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (log, m) = filled(dir.path(), 80, &mut rng).await;
+        log.close();
+        drop(log);
+        let segs = seg_files(dir.path());
+        assert!(segs.len() > 2);
+        let expect_new = match step {
+            // Crash while writing the marker: only its temp file exists.
+            0 => {
+                std::fs::write(dir.path().join("reset.tmp"), &marker[..20]).unwrap();
+                false
+            }
+            // Marker durable, nothing deleted yet.
+            1 => {
+                std::fs::write(dir.path().join("reset"), marker).unwrap();
+                true
+            }
+            // Marker durable, some old segments and indexes deleted.
+            2 => {
+                std::fs::write(dir.path().join("reset"), marker).unwrap();
+                for p in segs.iter().step_by(2) {
+                    std::fs::remove_file(p).unwrap();
+                    let _ = std::fs::remove_file(p.with_extension("idx"));
+                }
+                true
+            }
+            // Marker durable, every old file deleted, new segment being made.
+            3 => {
+                std::fs::write(dir.path().join("reset"), marker).unwrap();
+                for p in &segs {
+                    std::fs::remove_file(p).unwrap();
+                    let _ = std::fs::remove_file(p.with_extension("idx"));
+                }
+                std::fs::write(dir.path().join("00000000000000000301.seg.tmp"), b"half").unwrap();
+                true
+            }
+            // New segment in place, marker not yet removed.
+            _ => {
+                std::fs::write(dir.path().join("reset"), marker).unwrap();
+                for p in &segs {
+                    std::fs::remove_file(p).unwrap();
+                    let _ = std::fs::remove_file(p.with_extension("idx"));
+                }
+                std::fs::write(dir.path().join("00000000000000000301.seg"), marker).unwrap();
+                true
+            }
+        };
+        let (log, _) = PartitionLog::open(dir.path(), small_cfg())
+            .unwrap_or_else(|e| panic!("step {step}: open: {e}"));
+        if expect_new {
+            check_reset_state(&log, last, next_offset).await;
+            assert!(
+                !dir.path().join("reset").exists(),
+                "step {step}: marker removed"
+            );
+            let a = app(&log, vec![after_snap(301)]).await;
+            assert_eq!(a[0].base_offset, next_offset, "step {step}");
+        } else {
+            check(&log, &m);
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") || n == "reset")
+            .collect();
+        assert!(leftovers.is_empty(), "step {step}: {leftovers:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_reset_marker_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(seed());
+    let (log, _) = filled(dir.path(), 30, &mut rng).await;
+    log.close();
+    drop(log);
+    let mut marker = disk::encode_seg_header(&SegMeta::empty(301, 9, Some(snap_id(300))));
+    marker[20] ^= 1;
+    std::fs::write(dir.path().join("reset"), marker).unwrap();
+    let e = PartitionLog::open(dir.path(), small_cfg()).err().unwrap();
+    assert!(
+        matches!(&e, LogError::Corrupt { reason, .. } if reason.contains("reset marker")),
+        "{e}"
+    );
+    // Not applied: the old log is untouched.
+    assert!(seg_files(dir.path()).len() > 1);
+    // A marker without a previous log id is not ours either.
+    std::fs::write(
+        dir.path().join("reset"),
+        disk::encode_seg_header(&SegMeta::empty(1, 0, None)),
+    )
+    .unwrap();
+    assert!(matches!(
+        PartitionLog::open(dir.path(), small_cfg()),
+        Err(LogError::Corrupt { .. })
+    ));
+}
+
+#[tokio::test]
+async fn retention_cut_is_a_segment_boundary_within_the_applied_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    for i in 1..=200u64 {
+        app(
+            &log,
+            vec![mk(i, 1, BatchKind::Data, 2, i as i64 * 1000, 300)],
+        )
+        .await;
+    }
+    let ends: Vec<u64> = {
+        let s = log.inner.segs();
+        s.list.iter().map(|g| g.meta.last_index()).collect()
+    };
+    assert!(ends.len() > 4, "{ends:?}");
+    let all = u64::MAX;
+    // Nothing over the limits: no cut.
+    assert_eq!(log.retention_cut(0, None, None, all), None);
+    assert_eq!(log.retention_cut(0, None, Some(u64::MAX), all), None);
+    // By bytes: the cut is where enforce_retention would stop deleting.
+    let cut = log.retention_cut(0, None, Some(3 * 4096), all).unwrap();
+    assert!(ends.contains(&cut), "{cut} is not a segment end: {ends:?}");
+    // By time: everything sealed is older than the horizon -> the last
+    // sealed segment's end; the active segment is never cut.
+    let cut_t = log.retention_cut(i64::MAX, Some(0), None, all).unwrap();
+    assert_eq!(cut_t, ends[ends.len() - 2]);
+    // Limited by what is applied: only segments entirely at or below it.
+    assert_eq!(
+        log.retention_cut(i64::MAX, Some(0), None, ends[1] + 1),
+        Some(ends[1])
+    );
+    assert_eq!(
+        log.retention_cut(i64::MAX, Some(0), None, ends[1]),
+        Some(ends[1])
+    );
+    assert_eq!(
+        log.retention_cut(i64::MAX, Some(0), None, ends[0] - 1),
+        None
+    );
+    // It only computes; purging to the cut deletes exactly those segments.
+    assert_eq!(log.stats().segments, ends.len());
+    let deleted = log.purge_to(cut).unwrap();
+    assert_eq!(log.first_index(), cut + 1);
+    assert_eq!(
+        log.purged_position().next_offset,
+        log.entry(cut + 1).unwrap().unwrap().header.base_offset
+    );
+    assert_eq!(
+        log.next_offset_after(&log.purged_position().last_log_id.unwrap())
+            .unwrap(),
+        Some(log.start_offset())
+    );
+    assert!(deleted > 0);
+    // What is already purged is no cut.
+    assert_eq!(log.retention_cut(0, None, Some(3 * 4096), all), None);
+}
+
+#[tokio::test]
+async fn next_offset_after_names_only_entries_this_log_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    app(&log, vec![data(1, 4, 50), data(2, 6, 50)]).await;
+    let id = |term, index| LogId {
+        term,
+        leader: 1,
+        index,
+    };
+    assert_eq!(log.next_offset_after(&id(1, 1)).unwrap(), Some(4));
+    assert_eq!(log.next_offset_after(&id(1, 2)).unwrap(), Some(10));
+    // Same index, other term: not this log's entry.
+    assert_eq!(log.next_offset_after(&id(2, 2)).unwrap(), None);
+    assert_eq!(log.next_offset_after(&id(1, 3)).unwrap(), None);
+}

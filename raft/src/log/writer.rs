@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::disk::{self, IndexEntry, LastEntry, SegMeta, SEG_HEADER_BYTES};
 use super::{
-    create_segment, lock, write_idx, Appended, FsyncPolicy, Inner, LogError, LogPosition, Segment,
-    MAX_GROUP_REQUESTS,
+    create_segment, lock, replace_all_segments, write_idx, Appended, FsyncPolicy, Inner, LogError,
+    LogPosition, Segment, MAX_GROUP_REQUESTS,
 };
 
 /// Records of one group are copied into a buffer of this size and written
@@ -50,9 +50,18 @@ pub(crate) struct TruncateReq {
     pub tx: oneshot::Sender<Result<(), LogError>>,
 }
 
+pub(crate) struct ResetReq {
+    pub epoch: u64,
+    /// The log id the new, empty log ends at.
+    pub last: arrowbus_wire::LogId,
+    pub next_offset: u64,
+    pub tx: oneshot::Sender<Result<(), LogError>>,
+}
+
 pub(crate) enum Request {
     Append(AppendReq),
     Truncate(TruncateReq),
+    Reset(ResetReq),
 }
 
 /// How a group or truncation failed.
@@ -146,6 +155,7 @@ impl Writer {
             };
             match first {
                 Request::Truncate(t) => self.truncate(t),
+                Request::Reset(r) => self.reset(r),
                 Request::Append(a) => {
                     let mut bytes = a.bytes;
                     let mut group = vec![a];
@@ -504,6 +514,76 @@ impl Writer {
             }
         }
         self.inner.flushed_tx.send_replace(pos);
+    }
+
+    fn reset(&mut self, r: ResetReq) {
+        if self.inner.failed.load(Ordering::Acquire) {
+            let _ = r.tx.send(Err(LogError::Failed));
+            return;
+        }
+        if let Some(e) = self.stale(r.epoch) {
+            let _ = r.tx.send(Err(e));
+            return;
+        }
+        let meta = SegMeta::empty(r.last.index + 1, r.next_offset, Some(r.last));
+        // On failure part of the old log may be gone: only recovery (which
+        // finishes the reset from the marker) knows the state now.
+        let res = self.do_reset(meta).inspect_err(|e| self.go_failed(e));
+        let _ = r.tx.send(res);
+    }
+
+    /// The reset itself (module doc of `log`, "Reset"): marker, delete,
+    /// create, unmark. Readers are kept out (write lock) for its duration:
+    /// it is rare and a few file operations long.
+    fn do_reset(&mut self, meta: SegMeta) -> Result<(), LogError> {
+        let dir = self.inner.dir.clone();
+        let marker = disk::reset_marker_path(&dir);
+        let tmp = disk::tmp_path(&marker);
+        let header = disk::encode_seg_header(&meta);
+        std::fs::write(&tmp, header)
+            .map_err(|e| disk::write_err("write", &tmp, e))
+            .and_then(|()| {
+                File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| disk::io_err("fsync", &tmp, e))
+            })
+            .and_then(|()| {
+                std::fs::rename(&tmp, &marker).map_err(|e| disk::write_err("rename", &tmp, e))
+            })?;
+        disk::fsync_dir(&dir)?;
+        // From here a crash ends in the new log (recovery finishes it).
+        let _removal = lock(&self.inner.removal);
+        let mut s = self.inner.segs_mut();
+        s.truncations += 1;
+        s.list.clear();
+        let (path, file) = replace_all_segments(&dir, &meta)?;
+        disk::remove_if_exists(&marker)?;
+        disk::fsync_dir(&dir)?;
+        let file = Arc::new(file);
+        s.list.push_back(Segment {
+            meta,
+            path: path.clone(),
+            file: file.clone(),
+            index: Vec::new(),
+            sealed: false,
+        });
+        self.active = Pending {
+            meta,
+            path,
+            file,
+            new_index: Vec::new(),
+            last_indexed: None,
+            sealed: false,
+        };
+        let pos = s.position();
+        drop(s);
+        self.inner.flushed_tx.send_replace(pos);
+        tracing::info!(
+            base_index = meta.base_index,
+            base_offset = meta.base_offset,
+            "log reset: now empty after the snapshot position"
+        );
+        Ok(())
     }
 
     fn truncate(&mut self, t: TruncateReq) {
