@@ -292,6 +292,14 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         if a.nemesis.is_empty() { "none".into() } else { a.nemesis.join(",") },
         a.rate
     );
+    // Checked here too (run() checks again), so an earlier run's run.json
+    // is not overwritten before the refusal.
+    if dir.join("nodes").exists() {
+        bail!(
+            "{} holds an earlier run (its nodes/ would be reused): choose a new --dir",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("run.json"),

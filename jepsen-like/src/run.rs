@@ -343,10 +343,23 @@ async fn run_nemesis(
             Vec::new()
         };
         let targets = schedule::resolve_targets(fault.target, n, &leaders, fault.pick);
-        let links = schedule::partition_links(fault.shape, n, fault.pick);
+        // A partition aimed at the leaders cuts them from the other nodes
+        // only: clients keep publishing to a leader that cannot commit.
+        let (shape, links) = if fault.target == schedule::Target::Leaders {
+            (
+                "IsolateLeaders".to_owned(),
+                schedule::isolate_from_nodes(&targets, n),
+            )
+        } else {
+            (
+                format!("{:?}", fault.shape),
+                schedule::partition_links(fault.shape, n, fault.pick),
+            )
+        };
         let value = match fault.kind {
             FaultKind::Partition => json!({
-                "shape": format!("{:?}", fault.shape),
+                "shape": shape,
+                "leaders": if fault.target == schedule::Target::Leaders { targets.clone() } else { Vec::new() },
                 "cut": links.iter().map(|(a, b)| format!("{a:?}-{b:?}")).collect::<Vec<_>>(),
             }),
             _ => json!({"target": format!("{:?}", fault.target), "nodes": targets}),

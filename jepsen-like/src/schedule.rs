@@ -271,14 +271,29 @@ pub fn resolve_targets(target: Target, n: u32, leaders: &[u32], pick: u64) -> Ve
         Target::Majority => n / 2 + 1,
         Target::All => n,
         Target::Leaders => {
-            let mut l: Vec<u32> = leaders
-                .iter()
-                .copied()
-                .filter(|x| (1..=n).contains(x))
-                .collect();
-            l.sort_unstable();
-            l.dedup();
-            if !l.is_empty() {
+            // With a few partitions spread over a few nodes every node
+            // leads something, and "the leaders" would be "all". Take the
+            // nodes leading the most partitions, at most a minority, so a
+            // quorum survives and the fault is a failover, not an outage
+            // ("all" and "majority" cover outages).
+            let mut count: Vec<(u32, usize)> = Vec::new();
+            for &l in leaders.iter().filter(|x| (1..=n).contains(*x)) {
+                match count.iter_mut().find(|(id, _)| *id == l) {
+                    Some(c) => c.1 += 1,
+                    None => count.push((l, 1)),
+                }
+            }
+            if !count.is_empty() {
+                // Ties go by the seeded shuffle, not by node id.
+                count.sort_by_key(|(id, c)| {
+                    (
+                        std::cmp::Reverse(*c),
+                        ids.iter().position(|x| x == id).unwrap_or(0),
+                    )
+                });
+                let cap = ((n.saturating_sub(1)) / 2).max(1) as usize;
+                let mut l: Vec<u32> = count.into_iter().take(cap).map(|(id, _)| id).collect();
+                l.sort_unstable();
                 return l;
             }
             1
@@ -287,6 +302,35 @@ pub fn resolve_targets(target: Target, n: u32, leaders: &[u32], pick: u64) -> Ve
     let mut out: Vec<u32> = ids.into_iter().take(take.min(n as usize)).collect();
     out.sort_unstable();
     out
+}
+
+/// Links that cut `isolated` nodes from every other node, leaving the
+/// clients connected to all: a leader cut off this way keeps receiving
+/// publishes it cannot commit (each must time out unacknowledged; a broker
+/// that acknowledges before commit loses them when the partition heals).
+/// With nothing to cut from (one node, or every node isolated) it falls
+/// back to isolating the first target from the clients as well.
+pub fn isolate_from_nodes(isolated: &[u32], n: u32) -> Vec<(End, End)> {
+    let mut cut = Vec::new();
+    for &a in isolated {
+        for b in (1..=n).filter(|b| !isolated.contains(b)) {
+            let p = if a < b {
+                (End::Node(a), End::Node(b))
+            } else {
+                (End::Node(b), End::Node(a))
+            };
+            if !cut.contains(&p) {
+                cut.push(p);
+            }
+        }
+    }
+    if cut.is_empty() {
+        if let Some(&a) = isolated.first() {
+            cut.push((End::Node(a), End::Clients));
+        }
+    }
+    cut.sort_unstable();
+    cut
 }
 
 /// One side of a blocked link.
@@ -446,10 +490,30 @@ mod tests {
             resolve_targets(Target::Leaders, 5, &[3, 3, 1], 1),
             vec![1, 3]
         );
+        // At most a minority: of three nodes, the one leading the most.
+        assert_eq!(
+            resolve_targets(Target::Leaders, 3, &[1, 2, 2, 3], 4),
+            vec![2]
+        );
+        assert_eq!(
+            resolve_targets(Target::Leaders, 5, &[5, 4, 4, 2, 2, 2, 1], 4),
+            vec![2, 4]
+        );
         assert_eq!(resolve_targets(Target::Leaders, 5, &[], 1).len(), 1);
         for t in [Target::One, Target::Minority, Target::Majority, Target::All] {
             assert_eq!(resolve_targets(t, 1, &[], 9), vec![1]);
         }
+    }
+
+    #[test]
+    fn isolating_leaders_from_nodes_keeps_the_clients() {
+        use End::*;
+        assert_eq!(
+            isolate_from_nodes(&[2], 3),
+            vec![(Node(1), Node(2)), (Node(2), Node(3))]
+        );
+        assert_eq!(isolate_from_nodes(&[1, 4], 5).len(), 6);
+        assert_eq!(isolate_from_nodes(&[1], 1), vec![(Node(1), Clients)]);
     }
 
     #[test]
