@@ -268,12 +268,18 @@ impl Producer {
             match self.attempt(topic, partition, &header, &body).await {
                 Ok(a) => break a,
                 Err(e) => match retry_hint(&e) {
-                    Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                    // The hint is recorded even when there is no time left
+                    // to retry: the caller's next publish goes to the leader
+                    // (with delivery_timeout 0 it would otherwise never learn).
+                    Some(hint) => {
                         self.leader_moved(topic, partition, hint).await;
+                        if tokio::time::Instant::now() + backoff >= deadline {
+                            return Err(e);
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                     }
-                    _ => return Err(e),
+                    None => return Err(e),
                 },
             }
         };
@@ -290,22 +296,25 @@ impl Producer {
                 let Some(hint) = retry_hint(&err) else {
                     return Err(err);
                 };
+                producer.leader_moved(&topic, partition, hint).await;
                 if tokio::time::Instant::now() + backoff >= deadline {
                     return Err(err);
                 }
-                producer.leader_moved(&topic, partition, hint).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 attempt = loop {
                     match producer.attempt(&topic, partition, &header, &body).await {
                         Ok(a) => break a,
                         Err(e) => match retry_hint(&e) {
-                            Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                            Some(hint) => {
                                 producer.leader_moved(&topic, partition, hint).await;
+                                if tokio::time::Instant::now() + backoff >= deadline {
+                                    return Err(e);
+                                }
                                 tokio::time::sleep(backoff).await;
                                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                             }
-                            _ => return Err(e),
+                            None => return Err(e),
                         },
                     }
                 };
