@@ -360,6 +360,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// A node's data directory (where its `topics/` are).
+    pub fn data_dir(&self, id: u32) -> Option<PathBuf> {
+        self.spec(id).map(|s| s.dir.join("data"))
+    }
+
+    /// Stop every node: SIGTERM (a graceful stop syncs and closes its
+    /// logs), SIGKILL for any still running after `grace`. Continues paused
+    /// nodes first so they can act on the SIGTERM.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for n in &mut self.nodes {
+            if let Some(c) = &n.child {
+                if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe {
+                        libc::kill(pid, libc::SIGCONT);
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                }
+            }
+            n.paused = false;
+        }
+        let deadline = Instant::now() + grace;
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     /// Nodes that are down (killed and not yet restarted).
     pub fn down(&self) -> Vec<u32> {
         self.nodes
