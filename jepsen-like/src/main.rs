@@ -98,8 +98,14 @@ struct RunArgs {
     #[arg(long = "busd-env")]
     busd_env: Vec<String>,
     /// Run busd in its test-only unsafe mode (ARROWBUS_UNSAFE_ACK_BEFORE_COMMIT=1): the harness must report lost writes.
+    /// Implies --leaders-first.
     #[arg(long)]
     unsafe_ack: bool,
+    /// Aim the first round of faults (one of each kind) at the partition
+    /// leaders: a leader kill and a partition that cuts the leaders from
+    /// the other nodes while clients keep publishing to them.
+    #[arg(long)]
+    leaders_first: bool,
     /// Succeed only if these anomaly classes are found (self-tests of the harness).
     #[arg(long, value_delimiter = ',')]
     expect: Vec<String>,
@@ -284,6 +290,7 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         final_read_timeout: Duration::from_secs(a.final_read_timeout),
         busd_env: env,
         replicas: a.replicas.unwrap_or(a.nodes.min(3) as u16),
+        leaders_first: a.leaders_first || a.unsafe_ack,
     };
     println!(
         "seed = {seed} (replay: jepsen-like run --nodes {} --time-limit {} --nemesis {} --rate {} --seed {seed})",

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub final_read_timeout: Duration,
     pub busd_env: Vec<(String, String)>,
     pub replicas: u16,
+    /// Aim the first round of faults at the partition leaders.
+    pub leaders_first: bool,
 }
 
 impl RunConfig {
@@ -57,6 +59,7 @@ impl RunConfig {
             "concurrency": self.concurrency,
             "keys": self.keys,
             "replicas": self.replicas,
+            "leaders_first": self.leaders_first,
             "interval_s": self.interval.as_secs_f64(),
             "busd_env": self.busd_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "dir": self.dir.display().to_string(),
@@ -114,6 +117,9 @@ pub async fn run(cfg: RunConfig) -> Result<PathBuf> {
     let plan_seed = rng.next_u64();
     let mut sched = ScheduleConfig::new(cfg.time_limit.as_millis() as u64, cfg.nemesis.clone());
     sched.interval_ms = cfg.interval.as_millis() as u64;
+    if cfg.leaders_first {
+        sched.first_round_target = Some(schedule::Target::Leaders);
+    }
     let plan = schedule::plan(plan_seed, &sched);
     println!(
         "jepsen-like: {} nodes, {} s, nemesis {:?}, {} faults planned; history {}",

@@ -150,6 +150,10 @@ pub struct ScheduleConfig {
     pub kinds: Vec<FaultKind>,
     /// Chance that a rotation period is fault-free (after the first round).
     pub quiet_window_chance: f64,
+    /// Aim every fault of the first round at this target (the unsafe-ack
+    /// self-test aims them at the leaders, where acknowledged-but-
+    /// uncommitted writes live, so every run sees them lost).
+    pub first_round_target: Option<Target>,
 }
 
 impl ScheduleConfig {
@@ -161,6 +165,7 @@ impl ScheduleConfig {
             rotate_ms: 30_000,
             kinds,
             quiet_window_chance: 0.2,
+            first_round_target: None,
         }
     }
 }
@@ -194,6 +199,7 @@ pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
         if t + hold + END_MARGIN_MS > cfg.time_limit_ms {
             break;
         }
+        let in_first_round = !first_round.is_empty();
         let kind = if !first_round.is_empty() {
             let k = first_round.remove(0);
             if first_round.is_empty() {
@@ -231,6 +237,10 @@ pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
                 2 => Target::Majority,
                 3 => Target::All,
                 _ => Target::Leaders,
+            };
+            let target = match cfg.first_round_target {
+                Some(t) if in_first_round => t,
+                _ => target,
             };
             let shape = match rng.below(4) {
                 0 => Shape::IsolateOne,
@@ -469,6 +479,16 @@ mod tests {
                 .any(|w| w[1].at_ms - w[0].at_ms > c.rotate_ms)
         });
         assert!(quiet, "no fault-free window in 50 seeds");
+    }
+
+    #[test]
+    fn first_round_can_be_aimed_at_the_leaders() {
+        let mut c = cfg(60, &[FaultKind::Kill, FaultKind::Partition]);
+        c.first_round_target = Some(Target::Leaders);
+        for seed in 0..20 {
+            let p = plan(seed, &c);
+            assert!(p[..2].iter().all(|f| f.target == Target::Leaders));
+        }
     }
 
     #[test]
