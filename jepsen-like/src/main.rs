@@ -293,11 +293,20 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         leaders_first: a.leaders_first || a.unsafe_ack,
     };
     println!(
-        "seed = {seed} (replay: jepsen-like run --nodes {} --time-limit {} --nemesis {} --rate {} --seed {seed})",
+        "seed = {seed} (replay: jepsen-like run --nodes {} --time-limit {} --nemesis {} --rate {}{} --seed {seed})",
         a.nodes,
         a.time_limit,
         if a.nemesis.is_empty() { "none".into() } else { a.nemesis.join(",") },
-        a.rate
+        a.rate,
+        // Flags that change the plan or the broker, so the replay is one.
+        [
+            (a.unsafe_ack, " --unsafe-ack"),
+            (a.leaders_first && !a.unsafe_ack, " --leaders-first"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect::<String>()
     );
     // Checked here too (run() checks again), so an earlier run's run.json
     // is not overwritten before the refusal.

@@ -534,7 +534,7 @@ async fn run_nemesis(
             )
         } else {
             (
-                format!("{:?}", fault.shape),
+                format!("{:?}", schedule::effective_shape(fault.shape, n)),
                 schedule::partition_links(fault.shape, n, fault.pick),
             )
         };

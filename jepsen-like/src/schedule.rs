@@ -351,6 +351,16 @@ pub enum End {
     Clients,
 }
 
+/// The shape a partition of `n` nodes really takes: a ring needs four
+/// nodes to differ from isolating one, a bridge three.
+pub fn effective_shape(shape: Shape, n: u32) -> Shape {
+    match shape {
+        Shape::Ring if n < 4 => Shape::IsolateOne,
+        Shape::Bridge if n < 3 => Shape::Halves,
+        s => s,
+    }
+}
+
 /// Links to cut for a partition of `n` nodes, each pair once, (a, b) with a < b.
 /// Shapes that need more nodes than there are fall back to the nearest one
 /// that still cuts something: with one node, every shape isolates it from
@@ -359,11 +369,7 @@ pub fn partition_links(shape: Shape, n: u32, pick: u64) -> Vec<(End, End)> {
     let mut rng = Rng::new(pick);
     let mut ids: Vec<u32> = (1..=n).collect();
     rng.shuffle(&mut ids);
-    let shape = match shape {
-        Shape::Ring if n < 4 => Shape::IsolateOne,
-        Shape::Bridge if n < 3 => Shape::Halves,
-        s => s,
-    };
+    let shape = effective_shape(shape, n);
     let mut cut = Vec::new();
     let mut block = |a: End, b: End| {
         let p = if a < b { (a, b) } else { (b, a) };

@@ -190,12 +190,19 @@ pub enum Role {
 pub async fn worker(
     id: u32,
     role: Role,
-    cfg: WorkloadConfig,
+    mut cfg: WorkloadConfig,
     shared: Arc<Shared>,
     rec: Recorder,
     mut rng: Rng,
     deadline: Instant,
 ) {
+    // Each worker's clients try the nodes starting at a different one, so
+    // metadata requests are spread and a dead first node does not cost
+    // every new client a connect timeout.
+    let n = cfg.client.brokers.len();
+    if n > 1 {
+        cfg.client.brokers.rotate_left(id as usize % n);
+    }
     let mut process = u64::from(id);
     let mut client: Option<Client> = None;
     // Consumer state: where each key continues, and the open subscriptions.
