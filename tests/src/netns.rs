@@ -215,3 +215,75 @@ fn try_sh(cmd: &str, args: &[&str]) -> Result<String, String> {
 fn sh(cmd: &str, args: &[&str]) -> String {
     try_sh(cmd, args).unwrap_or_else(|e| panic!("{e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exists(what: &[&str], name: &str) -> bool {
+        Command::new("ip")
+            .args(what)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .any(|w| w.trim_end_matches(':') == name)
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_panic_removes_the_namespaces_the_bridge_and_their_processes() {
+        let (ns, br) = {
+            let net = Netns::create(2);
+            (net.ns(2), bridge(net.slot))
+        };
+        assert!(!exists(&["netns", "list"], &ns), "{ns} left behind");
+        assert!(
+            !exists(&["-br", "link", "show", "type", "bridge"], &br),
+            "{br} left behind"
+        );
+        let r = std::panic::catch_unwind(|| {
+            let net = Netns::create(2);
+            // A process in the namespace, as a busd would be.
+            let child = Command::new("ip")
+                .args(["netns", "exec", &net.ns(1), "sleep", "60"])
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning sleep: {e}"));
+            // `ip netns exec` enters the namespace after spawn returns:
+            // wait until it is in there, or the guard could miss it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !sh("ip", &["netns", "pids", &net.ns(1)])
+                .lines()
+                .any(|p| p.trim() == child.id().to_string())
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sleep never entered the namespace"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let names = (net.ns(1), bridge(net.slot), Some(child));
+            // Hand the names and the child out through the panic payload.
+            std::panic::panic_any(names);
+        });
+        let mut payload = r.expect_err("the closure panics");
+        let (ns, br2, child) = payload
+            .downcast_mut::<(String, String, Option<std::process::Child>)>()
+            .unwrap_or_else(|| panic!("unexpected panic payload"));
+        assert!(!exists(&["netns", "list"], ns), "{ns} left after a panic");
+        assert!(
+            !exists(&["-br", "link", "show", "type", "bridge"], br2),
+            "{br2} left after a panic"
+        );
+        // The sleep was killed: waiting for it must not take its 60 s.
+        let start = std::time::Instant::now();
+        if let Some(mut c) = child.take() {
+            let _ = c.wait();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the process in the namespace survived the guard"
+        );
+    }
+}
