@@ -192,6 +192,7 @@ async fn isolated_leader_acks_nothing_majority_serves_old_tail_discarded() {
     let mut peers: Vec<Ipv4Addr> = majority.iter().map(|id| net.node_ip(*id as u32)).collect();
     peers.push(net.host_ip());
     net.cut(old as u32, &peers);
+    let cut_at = Instant::now();
 
     // 1. The isolated leader acknowledges nothing new.
     let old_addr = cluster.node(old).addr();
@@ -238,9 +239,18 @@ async fn isolated_leader_acks_nothing_majority_serves_old_tail_discarded() {
     maj.close().await;
 
     // 3. Heal: the old leader rejoins as a follower and drops its tail.
+    eprintln!(
+        "healing after {:.1} s of partition",
+        cut_at.elapsed().as_secs_f64()
+    );
     net.heal();
+    let healed = Instant::now();
     let client = cluster.client().await;
     let leader_after = await_converged(&client, &cluster).await;
+    eprintln!(
+        "replicas converged {:.1} s after healing",
+        healed.elapsed().as_secs_f64()
+    );
     assert_ne!(
         leader_after,
         0,
