@@ -284,12 +284,18 @@ impl Producer {
             match self.attempt(topic, partition, &header, &body).await {
                 Ok(a) => break a,
                 Err(e) => match retry_hint(&e) {
-                    Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                    // The hint is recorded even when there is no time left
+                    // to retry: the caller's next publish goes to the leader
+                    // (with delivery_timeout 0 it would otherwise never learn).
+                    Some(hint) => {
                         self.leader_moved(topic, partition, hint).await;
+                        if tokio::time::Instant::now() + backoff >= deadline {
+                            return Err(e);
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                     }
-                    _ => return Err(e),
+                    None => return Err(e),
                 },
             }
         };
@@ -307,23 +313,28 @@ impl Producer {
                     return Err(err);
                 };
                 let hint = hint.or(moved_to);
+                tracing::debug!(topic, partition, ?hint, error = %err, "publish retried");
+                // Learn the hint even when out of time: the next publish
+                // then goes to the leader.
+                producer.leader_moved(&topic, partition, hint).await;
                 if tokio::time::Instant::now() + backoff >= deadline {
                     return Err(err);
                 }
-                tracing::debug!(topic, partition, ?hint, error = %err, "publish retried");
-                producer.leader_moved(&topic, partition, hint).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 attempt = loop {
                     match producer.attempt(&topic, partition, &header, &body).await {
                         Ok(a) => break a,
                         Err(e) => match retry_hint(&e) {
-                            Some(hint) if tokio::time::Instant::now() + backoff < deadline => {
+                            Some(hint) => {
                                 producer.leader_moved(&topic, partition, hint).await;
+                                if tokio::time::Instant::now() + backoff >= deadline {
+                                    return Err(e);
+                                }
                                 tokio::time::sleep(backoff).await;
                                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                             }
-                            _ => return Err(e),
+                            None => return Err(e),
                         },
                     }
                 };

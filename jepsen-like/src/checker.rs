@@ -644,15 +644,26 @@ fn polls_monotonic(a: &Analysis, found: &mut Found) {
 }
 
 fn node_divergence(a: &Analysis, found: &mut Found) {
-    // key → node → offset → value, from ok final reads
-    let mut per: BTreeMap<Key, BTreeMap<u32, BTreeMap<Offset, Value>>> = BTreeMap::new();
+    // key → reader → offset → value, from ok final reads. A reader is a
+    // node and how it was read: "3" through the network (node 3 as the
+    // entry point), "3 (log-read)" from node 3's own log files.
+    let mut per: BTreeMap<Key, BTreeMap<String, BTreeMap<Offset, Value>>> = BTreeMap::new();
     for p in &a.pairs {
         let (true, Some(node), OpType::Ok) = (p.is_final(), p.invoke.node, p.kind()) else {
             continue;
         };
+        let reader = if p.invoke.f == "poll" {
+            node.to_string()
+        } else {
+            format!("{node} ({})", p.invoke.f)
+        };
         for reads in p.polls() {
             for (k, rs) in reads {
-                let m = per.entry(*k).or_default().entry(node).or_default();
+                let m = per
+                    .entry(*k)
+                    .or_default()
+                    .entry(reader.clone())
+                    .or_default();
                 for (o, v) in rs {
                     m.insert(*o, *v);
                 }
@@ -670,7 +681,7 @@ fn node_divergence(a: &Analysis, found: &mut Found) {
         }
     }
     for (k, nodes) in &per {
-        let list: Vec<(&u32, &BTreeMap<Offset, Value>)> = nodes.iter().collect();
+        let list: Vec<(&String, &BTreeMap<Offset, Value>)> = nodes.iter().collect();
         for (x, (na, la)) in list.iter().enumerate() {
             for (nb, lb) in &list[x + 1..] {
                 for (o, va) in la.iter() {
@@ -679,7 +690,7 @@ fn node_divergence(a: &Analysis, found: &mut Found) {
                             found.add(
                                 "node-divergence",
                                 json!({"kind": "conflict", "key": k, "offset": o,
-                                       "nodes": {na.to_string(): va, nb.to_string(): vb}}),
+                                       "nodes": {na.as_str(): va, nb.as_str(): vb}}),
                             );
                         }
                     }
@@ -1089,6 +1100,29 @@ mod tests {
             .poll(3, &[(0, &[(0, 10)])])
             .poll(3, &[(0, &[(5, 11)])]);
         assert!(h.check().valid);
+    }
+
+    #[test]
+    fn a_node_log_that_differs_from_the_network_read_of_that_node_diverges() {
+        let mut h = H::default();
+        h.send(1, 0, 10, OpType::Ok, Some(0))
+            .send(1, 0, 11, OpType::Ok, Some(1))
+            .final_read(5, 1, &[(0, &[(0, 10), (1, 11)])])
+            .final_read(6, 1, &[(0, &[(0, 10), (1, 11)])]);
+        let n = h.ops.len();
+        for op in &mut h.ops[n - 2..] {
+            op.f = "log-read".into();
+        }
+        assert!(h.check().valid, "{:?}", h.check().anomalies);
+        // Node 2's own log holds another value at offset 1 than the leader served.
+        h.final_read(7, 2, &[(0, &[(0, 10), (1, 12)])]);
+        let n = h.ops.len();
+        for op in &mut h.ops[n - 2..] {
+            op.f = "log-read".into();
+        }
+        let r = h.check();
+        assert!(r.anomaly_counts["node-divergence"] >= 1);
+        assert_eq!(r.anomalies["node-divergence"][0]["kind"], "conflict");
     }
 
     #[test]

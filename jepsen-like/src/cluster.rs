@@ -360,6 +360,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// A node's data directory (where its `topics/` are).
+    pub fn data_dir(&self, id: u32) -> Option<PathBuf> {
+        self.spec(id).map(|s| s.dir.join("data"))
+    }
+
+    /// Stop every node: SIGTERM (a graceful stop syncs and closes its
+    /// logs), SIGKILL for any still running after `grace`. Continues paused
+    /// nodes first so they can act on the SIGTERM.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for n in &mut self.nodes {
+            if let Some(c) = &n.child {
+                if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe {
+                        libc::kill(pid, libc::SIGCONT);
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                }
+            }
+            n.paused = false;
+        }
+        let deadline = Instant::now() + grace;
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     /// Nodes that are down (killed and not yet restarted).
     pub fn down(&self) -> Vec<u32> {
         self.nodes
@@ -425,17 +458,22 @@ fn udp_port_bound(spec: &NodeSpec) -> bool {
     })
 }
 
-/// Multi-node: run `busd dev --nodes N` once to generate the dev CA, node
-/// certificates and per-node configs, stop it, and point each config at
-/// its node's address. Returns the CA path.
+/// Multi-node: run `busd dev --nodes N` once, in `<dir>/bootstrap`, to
+/// generate the dev CA, node certificates and per-node configs, stop it,
+/// and write each node a config pointing at its own address and a fresh
+/// data directory `<node dir>/data`. The bootstrap cluster's data is not
+/// reused: its controller log already holds a membership with the
+/// bootstrap's loopback addresses, which the nodes would keep dialling
+/// whatever their configs say. Returns the CA path.
 fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathBuf> {
     let boot = cfg.dir.join("bootstrap");
+    let dev = boot.join("dev");
     std::fs::create_dir_all(&boot)?;
     let port = free_port()?;
     let log = std::fs::File::create(boot.join("busd.log"))?;
     let mut child = Command::new(&cfg.busd)
         .args(["dev", "--nodes", &cfg.nodes.to_string(), "--data-dir"])
-        .arg(&cfg.dir)
+        .arg(&dev)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--profile")
@@ -474,7 +512,7 @@ fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathB
         .map(|s| format!("{}@{}", s.id, s.addr))
         .collect();
     for s in specs {
-        let path = s.dir.join("busd.toml");
+        let path = dev.join(format!("node-{}", s.id)).join("busd.toml");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading the generated {}", path.display()))?;
         let mut doc: toml::Table =
@@ -483,6 +521,10 @@ fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathB
         doc.insert(
             "advertised_addr".into(),
             toml::Value::String(s.addr.to_string()),
+        );
+        doc.insert(
+            "data_dir".into(),
+            toml::Value::String(s.dir.join("data").display().to_string()),
         );
         let cluster = doc
             .entry("cluster")
@@ -493,9 +535,13 @@ fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathB
                 toml::Value::Array(peers.iter().cloned().map(toml::Value::String).collect()),
             );
         }
-        std::fs::write(&path, toml::to_string(&doc)?)?;
+        std::fs::create_dir_all(s.dir.join("data"))
+            .with_context(|| format!("creating {}", s.dir.display()))?;
+        let dest = s.dir.join("busd.toml");
+        std::fs::write(&dest, toml::to_string(&doc)?)
+            .with_context(|| format!("writing {}", dest.display()))?;
     }
-    Ok(cfg.dir.join("tls").join("ca.pem"))
+    Ok(dev.join("tls").join("ca.pem"))
 }
 
 /// Network namespaces, veth pairs and a bridge for one harness instance.

@@ -98,8 +98,14 @@ struct RunArgs {
     #[arg(long = "busd-env")]
     busd_env: Vec<String>,
     /// Run busd in its test-only unsafe mode (ARROWBUS_UNSAFE_ACK_BEFORE_COMMIT=1): the harness must report lost writes.
+    /// Implies --leaders-first.
     #[arg(long)]
     unsafe_ack: bool,
+    /// Aim the first round of faults (one of each kind) at the partition
+    /// leaders: a leader kill and a partition that cuts the leaders from
+    /// the other nodes while clients keep publishing to them.
+    #[arg(long)]
+    leaders_first: bool,
     /// Succeed only if these anomaly classes are found (self-tests of the harness).
     #[arg(long, value_delimiter = ',')]
     expect: Vec<String>,
@@ -284,14 +290,32 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         final_read_timeout: Duration::from_secs(a.final_read_timeout),
         busd_env: env,
         replicas: a.replicas.unwrap_or(a.nodes.min(3) as u16),
+        leaders_first: a.leaders_first || a.unsafe_ack,
     };
     println!(
-        "seed = {seed} (replay: jepsen-like run --nodes {} --time-limit {} --nemesis {} --rate {} --seed {seed})",
+        "seed = {seed} (replay: jepsen-like run --nodes {} --time-limit {} --nemesis {} --rate {}{} --seed {seed})",
         a.nodes,
         a.time_limit,
         if a.nemesis.is_empty() { "none".into() } else { a.nemesis.join(",") },
-        a.rate
+        a.rate,
+        // Flags that change the plan or the broker, so the replay is one.
+        [
+            (a.unsafe_ack, " --unsafe-ack"),
+            (a.leaders_first && !a.unsafe_ack, " --leaders-first"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect::<String>()
     );
+    // Checked here too (run() checks again), so an earlier run's run.json
+    // is not overwritten before the refusal.
+    if dir.join("nodes").exists() {
+        bail!(
+            "{} holds an earlier run (its nodes/ would be reused): choose a new --dir",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("run.json"),

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub final_read_timeout: Duration,
     pub busd_env: Vec<(String, String)>,
     pub replicas: u16,
+    /// Aim the first round of faults at the partition leaders.
+    pub leaders_first: bool,
 }
 
 impl RunConfig {
@@ -57,6 +59,7 @@ impl RunConfig {
             "concurrency": self.concurrency,
             "keys": self.keys,
             "replicas": self.replicas,
+            "leaders_first": self.leaders_first,
             "interval_s": self.interval.as_secs_f64(),
             "busd_env": self.busd_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "dir": self.dir.display().to_string(),
@@ -114,6 +117,9 @@ pub async fn run(cfg: RunConfig) -> Result<PathBuf> {
     let plan_seed = rng.next_u64();
     let mut sched = ScheduleConfig::new(cfg.time_limit.as_millis() as u64, cfg.nemesis.clone());
     sched.interval_ms = cfg.interval.as_millis() as u64;
+    if cfg.leaders_first {
+        sched.first_round_target = Some(schedule::Target::Leaders);
+    }
     let plan = schedule::plan(plan_seed, &sched);
     println!(
         "jepsen-like: {} nodes, {} s, nemesis {:?}, {} faults planned; history {}",
@@ -250,6 +256,7 @@ pub async fn run(cfg: RunConfig) -> Result<PathBuf> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
+    read_node_logs(&cfg, &cluster, &client_cfg, &topic, &rec, process).await;
     drop(rec);
     writer.await.context("history writer")??;
     // Stop the nodes and remove the namespaces now, not at exit.
@@ -257,6 +264,181 @@ pub async fn run(cfg: RunConfig) -> Result<PathBuf> {
         drop(c);
     }
     Ok(history_path)
+}
+
+/// How long replicas get, after the network final reads, to report the
+/// same last log index, all applied, before their logs are read anyway.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node gets to stop gracefully before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// The per-node final reads: wait until the replicas report the same log
+/// (recorded as a `replica-status` event either way), stop every node, and
+/// read each node's own partition logs from disk into the history as
+/// `log-read` final reads of that node.
+async fn read_node_logs(
+    cfg: &RunConfig,
+    cluster: &Arc<Mutex<Cluster>>,
+    client_cfg: &arrowbus::ClientConfig,
+    topic: &str,
+    rec: &Recorder,
+    mut process: u64,
+) {
+    let (converged, status) = await_replicas(client_cfg, topic, cfg.nodes).await;
+    rec.nemesis(
+        OpType::Info,
+        "replica-status",
+        json!({"converged": converged, "groups": status}),
+        None,
+    )
+    .await;
+    let schema = topic_schema(client_cfg, topic).await;
+    let c2 = cluster.clone();
+    let dirs = tokio::task::spawn_blocking(move || match c2.lock() {
+        Ok(mut c) => {
+            c.stop_all(STOP_GRACE);
+            c.ids()
+                .into_iter()
+                .filter_map(|id| c.data_dir(id).map(|d| (id, d)))
+                .collect::<Vec<_>>()
+        }
+        Err(_) => Vec::new(),
+    })
+    .await
+    .unwrap_or_default();
+    for (id, dir) in dirs {
+        let p = Process::Client(process);
+        process += 1;
+        let extra = || Extra {
+            error: None,
+            node: Some(id),
+            final_read: true,
+        };
+        rec.record(
+            p,
+            OpType::Invoke,
+            "log-read",
+            OpValue::Mops(vec![MicroOp::Poll { reads: None }]),
+            extra(),
+        )
+        .await;
+        let topic = topic.to_owned();
+        let keys = cfg.keys;
+        let r = match &schema {
+            Ok(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::disk::read_node_log(&dir, &topic, keys, &s)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("log read task: {e}")))
+            }
+            Err(e) => Err(e.clone()),
+        };
+        match r {
+            Ok(reads) => {
+                rec.record(
+                    p,
+                    OpType::Ok,
+                    "log-read",
+                    OpValue::Mops(vec![MicroOp::Poll { reads: Some(reads) }]),
+                    extra(),
+                )
+                .await
+            }
+            Err(e) => {
+                rec.record(
+                    p,
+                    OpType::Fail,
+                    "log-read",
+                    OpValue::Mops(vec![MicroOp::Poll { reads: None }]),
+                    Extra {
+                        error: Some(e),
+                        ..extra()
+                    },
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Wait until, for every partition of `topic`, every node that holds it
+/// reports one leader and the same last log index, all applied. Returns
+/// whether that happened and the last status seen: per group, per node,
+/// (leader, term, last log index, committed, applied).
+async fn await_replicas(
+    cfg: &arrowbus::ClientConfig,
+    topic: &str,
+    nodes: u32,
+) -> (bool, serde_json::Value) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut last = json!(null);
+    loop {
+        let attempt = async {
+            let c = Client::connect(cfg.clone()).await.ok()?;
+            let mut groups: std::collections::BTreeMap<u32, Vec<(u32, [u64; 5])>> =
+                Default::default();
+            for id in 1..=nodes {
+                if let Ok(s) = c.admin().node_status(u64::from(id)).await {
+                    for g in s.partitions.iter().filter(|g| g.topic == topic) {
+                        groups.entry(g.partition).or_default().push((
+                            id,
+                            [g.leader, g.term, g.last_log_index, g.committed, g.applied],
+                        ));
+                    }
+                }
+            }
+            c.close().await;
+            Some(groups)
+        };
+        let groups = tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let converged = !groups.is_empty()
+            && groups.values().all(|rs| {
+                let first = rs.first().map(|r| r.1);
+                rs.iter().all(|(_, v)| {
+                    Some(v[0]) == first.map(|f| f[0])
+                        && v[0] != 0
+                        && Some(v[2]) == first.map(|f| f[2])
+                        && v[4] == v[2]
+                })
+            });
+        let mut m = serde_json::Map::new();
+        for (p, rs) in &groups {
+            let mut per = serde_json::Map::new();
+            for (id, v) in rs {
+                per.insert(
+                    id.to_string(),
+                    json!({"leader": v[0], "term": v[1], "last": v[2], "committed": v[3], "applied": v[4]}),
+                );
+            }
+            m.insert(p.to_string(), serde_json::Value::Object(per));
+        }
+        last = serde_json::Value::Object(m);
+        if converged || Instant::now() >= deadline {
+            return (converged, last);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn topic_schema(
+    cfg: &arrowbus::ClientConfig,
+    topic: &str,
+) -> Result<Arc<arrowbus::schema::TopicSchema>, String> {
+    let c = Client::connect(cfg.clone())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let info = c.admin().describe_topic(topic).await;
+    c.close().await;
+    let info = info.map_err(|e| format!("describing {topic}: {e}"))?;
+    arrowbus::schema::TopicSchema::from_ipc(info.schema_id, info.schema_ipc)
+        .map(Arc::new)
+        .map_err(|e| format!("schema of {topic}: {e}"))
 }
 
 async fn create_topic(
@@ -343,10 +525,23 @@ async fn run_nemesis(
             Vec::new()
         };
         let targets = schedule::resolve_targets(fault.target, n, &leaders, fault.pick);
-        let links = schedule::partition_links(fault.shape, n, fault.pick);
+        // A partition aimed at the leaders cuts them from the other nodes
+        // only: clients keep publishing to a leader that cannot commit.
+        let (shape, links) = if fault.target == schedule::Target::Leaders {
+            (
+                "IsolateLeaders".to_owned(),
+                schedule::isolate_from_nodes(&targets, n),
+            )
+        } else {
+            (
+                format!("{:?}", schedule::effective_shape(fault.shape, n)),
+                schedule::partition_links(fault.shape, n, fault.pick),
+            )
+        };
         let value = match fault.kind {
             FaultKind::Partition => json!({
-                "shape": format!("{:?}", fault.shape),
+                "shape": shape,
+                "leaders": if fault.target == schedule::Target::Leaders { targets.clone() } else { Vec::new() },
                 "cut": links.iter().map(|(a, b)| format!("{a:?}-{b:?}")).collect::<Vec<_>>(),
             }),
             _ => json!({"target": format!("{:?}", fault.target), "nodes": targets}),

@@ -150,6 +150,10 @@ pub struct ScheduleConfig {
     pub kinds: Vec<FaultKind>,
     /// Chance that a rotation period is fault-free (after the first round).
     pub quiet_window_chance: f64,
+    /// Aim every fault of the first round at this target (the unsafe-ack
+    /// self-test aims them at the leaders, where acknowledged-but-
+    /// uncommitted writes live, so every run sees them lost).
+    pub first_round_target: Option<Target>,
 }
 
 impl ScheduleConfig {
@@ -161,6 +165,7 @@ impl ScheduleConfig {
             rotate_ms: 30_000,
             kinds,
             quiet_window_chance: 0.2,
+            first_round_target: None,
         }
     }
 }
@@ -194,6 +199,7 @@ pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
         if t + hold + END_MARGIN_MS > cfg.time_limit_ms {
             break;
         }
+        let in_first_round = !first_round.is_empty();
         let kind = if !first_round.is_empty() {
             let k = first_round.remove(0);
             if first_round.is_empty() {
@@ -231,6 +237,10 @@ pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
                 2 => Target::Majority,
                 3 => Target::All,
                 _ => Target::Leaders,
+            };
+            let target = match cfg.first_round_target {
+                Some(t) if in_first_round => t,
+                _ => target,
             };
             let shape = match rng.below(4) {
                 0 => Shape::IsolateOne,
@@ -271,14 +281,29 @@ pub fn resolve_targets(target: Target, n: u32, leaders: &[u32], pick: u64) -> Ve
         Target::Majority => n / 2 + 1,
         Target::All => n,
         Target::Leaders => {
-            let mut l: Vec<u32> = leaders
-                .iter()
-                .copied()
-                .filter(|x| (1..=n).contains(x))
-                .collect();
-            l.sort_unstable();
-            l.dedup();
-            if !l.is_empty() {
+            // With a few partitions spread over a few nodes every node
+            // leads something, and "the leaders" would be "all". Take the
+            // nodes leading the most partitions, at most a minority, so a
+            // quorum survives and the fault is a failover, not an outage
+            // ("all" and "majority" cover outages).
+            let mut count: Vec<(u32, usize)> = Vec::new();
+            for &l in leaders.iter().filter(|x| (1..=n).contains(*x)) {
+                match count.iter_mut().find(|(id, _)| *id == l) {
+                    Some(c) => c.1 += 1,
+                    None => count.push((l, 1)),
+                }
+            }
+            if !count.is_empty() {
+                // Ties go by the seeded shuffle, not by node id.
+                count.sort_by_key(|(id, c)| {
+                    (
+                        std::cmp::Reverse(*c),
+                        ids.iter().position(|x| x == id).unwrap_or(0),
+                    )
+                });
+                let cap = ((n.saturating_sub(1)) / 2).max(1) as usize;
+                let mut l: Vec<u32> = count.into_iter().take(cap).map(|(id, _)| id).collect();
+                l.sort_unstable();
                 return l;
             }
             1
@@ -289,12 +314,51 @@ pub fn resolve_targets(target: Target, n: u32, leaders: &[u32], pick: u64) -> Ve
     out
 }
 
+/// Links that cut `isolated` nodes from every other node, leaving the
+/// clients connected to all: a leader cut off this way keeps receiving
+/// publishes it cannot commit (each must time out unacknowledged; a broker
+/// that acknowledges before commit loses them when the partition heals).
+/// With nothing to cut from (one node, or every node isolated) it falls
+/// back to isolating the first target from the clients as well.
+pub fn isolate_from_nodes(isolated: &[u32], n: u32) -> Vec<(End, End)> {
+    let mut cut = Vec::new();
+    for &a in isolated {
+        for b in (1..=n).filter(|b| !isolated.contains(b)) {
+            let p = if a < b {
+                (End::Node(a), End::Node(b))
+            } else {
+                (End::Node(b), End::Node(a))
+            };
+            if !cut.contains(&p) {
+                cut.push(p);
+            }
+        }
+    }
+    if cut.is_empty() {
+        if let Some(&a) = isolated.first() {
+            cut.push((End::Node(a), End::Clients));
+        }
+    }
+    cut.sort_unstable();
+    cut
+}
+
 /// One side of a blocked link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum End {
     Node(u32),
     /// The host the clients run on.
     Clients,
+}
+
+/// The shape a partition of `n` nodes really takes: a ring needs four
+/// nodes to differ from isolating one, a bridge three.
+pub fn effective_shape(shape: Shape, n: u32) -> Shape {
+    match shape {
+        Shape::Ring if n < 4 => Shape::IsolateOne,
+        Shape::Bridge if n < 3 => Shape::Halves,
+        s => s,
+    }
 }
 
 /// Links to cut for a partition of `n` nodes, each pair once, (a, b) with a < b.
@@ -305,11 +369,7 @@ pub fn partition_links(shape: Shape, n: u32, pick: u64) -> Vec<(End, End)> {
     let mut rng = Rng::new(pick);
     let mut ids: Vec<u32> = (1..=n).collect();
     rng.shuffle(&mut ids);
-    let shape = match shape {
-        Shape::Ring if n < 4 => Shape::IsolateOne,
-        Shape::Bridge if n < 3 => Shape::Halves,
-        s => s,
-    };
+    let shape = effective_shape(shape, n);
     let mut cut = Vec::new();
     let mut block = |a: End, b: End| {
         let p = if a < b { (a, b) } else { (b, a) };
@@ -428,6 +488,16 @@ mod tests {
     }
 
     #[test]
+    fn first_round_can_be_aimed_at_the_leaders() {
+        let mut c = cfg(60, &[FaultKind::Kill, FaultKind::Partition]);
+        c.first_round_target = Some(Target::Leaders);
+        for seed in 0..20 {
+            let p = plan(seed, &c);
+            assert!(p[..2].iter().all(|f| f.target == Target::Leaders));
+        }
+    }
+
+    #[test]
     fn one_minute_smoke_sees_kill_and_partition() {
         let c = cfg(60, &[FaultKind::Kill, FaultKind::Partition]);
         for seed in 0..100 {
@@ -446,10 +516,30 @@ mod tests {
             resolve_targets(Target::Leaders, 5, &[3, 3, 1], 1),
             vec![1, 3]
         );
+        // At most a minority: of three nodes, the one leading the most.
+        assert_eq!(
+            resolve_targets(Target::Leaders, 3, &[1, 2, 2, 3], 4),
+            vec![2]
+        );
+        assert_eq!(
+            resolve_targets(Target::Leaders, 5, &[5, 4, 4, 2, 2, 2, 1], 4),
+            vec![2, 4]
+        );
         assert_eq!(resolve_targets(Target::Leaders, 5, &[], 1).len(), 1);
         for t in [Target::One, Target::Minority, Target::Majority, Target::All] {
             assert_eq!(resolve_targets(t, 1, &[], 9), vec![1]);
         }
+    }
+
+    #[test]
+    fn isolating_leaders_from_nodes_keeps_the_clients() {
+        use End::*;
+        assert_eq!(
+            isolate_from_nodes(&[2], 3),
+            vec![(Node(1), Node(2)), (Node(2), Node(3))]
+        );
+        assert_eq!(isolate_from_nodes(&[1, 4], 5).len(), 6);
+        assert_eq!(isolate_from_nodes(&[1], 1), vec![(Node(1), Clients)]);
     }
 
     #[test]

@@ -154,6 +154,16 @@ pub fn definite_failure(e: &arrowbus::Error) -> bool {
     {
         return true;
     }
+    // NotLeader is definite when the node refused before appending: it has
+    // no replica of the partition, or Raft forwarded the write (not the
+    // leader). It is indefinite when the leader changed after the append,
+    // which the broker says in so many words ("may or may not have been
+    // stored"); a code of its own would be better than matching text.
+    if let arrowbus::Error::Broker { message, .. } = e {
+        if e.code() == Some(ErrorCode::NotLeader) {
+            return !message.contains("may or may not");
+        }
+    }
     matches!(
         e.code(),
         Some(
@@ -180,12 +190,19 @@ pub enum Role {
 pub async fn worker(
     id: u32,
     role: Role,
-    cfg: WorkloadConfig,
+    mut cfg: WorkloadConfig,
     shared: Arc<Shared>,
     rec: Recorder,
     mut rng: Rng,
     deadline: Instant,
 ) {
+    // Each worker's clients try the nodes starting at a different one, so
+    // metadata requests are spread and a dead first node does not cost
+    // every new client a connect timeout.
+    let n = cfg.client.brokers.len();
+    if n > 1 {
+        cfg.client.brokers.rotate_left(id as usize % n);
+    }
     let mut process = u64::from(id);
     let mut client: Option<Client> = None;
     // Consumer state: where each key continues, and the open subscriptions.
@@ -268,7 +285,12 @@ pub async fn worker(
                             },
                         )
                         .await;
-                        client = None;
+                        // A refusal that named the leader is kept in the
+                        // client (its next publish goes there); other
+                        // definite failures start from a fresh client.
+                        if client.as_ref().is_some_and(|c| !c.is_connected()) {
+                            client = None;
+                        }
                     }
                     Err(Failure::Unknown(msg)) => {
                         rec.record(

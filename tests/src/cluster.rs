@@ -1,6 +1,8 @@
-//! A cluster of real `busd run` processes on loopback, one per node, sharing
-//! one dev CA; nodes can be killed, stopped and restarted one by one.
+//! A cluster of real `busd run` processes, one per node, sharing one dev
+//! CA; nodes can be killed, stopped and restarted one by one. They listen on
+//! loopback, or each in its own network namespace ([`crate::netns`]).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,16 +12,37 @@ use crate::{busd_path, free_port};
 /// How long a node may take to start listening.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where a node listens, and the network namespace it runs in (if any).
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub netns: Option<String>,
+}
+
+impl Placement {
+    /// Node `id` of `net`, inside its namespace.
+    pub fn in_netns(net: &crate::netns::Netns, id: u32) -> Self {
+        Placement {
+            ip: net.node_ip(id).into(),
+            port: 7447,
+            netns: Some(net.ns(id)),
+        }
+    }
+}
+
 pub struct Node {
     pub id: u64,
     pub port: u16,
+    ip: IpAddr,
+    netns: Option<String>,
     dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Node {
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        std::net::SocketAddr::new(self.ip, self.port).to_string()
     }
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
@@ -41,7 +64,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Start `n` nodes (ids 1..=n), all initial controller voters.
+    /// Start `n` nodes (ids 1..=n) on loopback, all initial controller voters.
     pub fn start(n: usize) -> Self {
         Self::start_with(n, "")
     }
@@ -50,29 +73,51 @@ impl Cluster {
     /// config (after its `[cluster]` table), e.g. a `[log]` table with small
     /// segments and a fast retention check.
     pub fn start_with(n: usize, extra_toml: &str) -> Self {
+        Self::start_placed_with(
+            (0..n)
+                .map(|_| Placement {
+                    ip: Ipv4Addr::LOCALHOST.into(),
+                    port: free_port(),
+                    netns: None,
+                })
+                .collect(),
+            extra_toml,
+        )
+    }
+
+    /// Start one node per placement (ids 1..=n), all initial controller voters.
+    pub fn start_placed(places: Vec<Placement>) -> Self {
+        Self::start_placed_with(places, "")
+    }
+
+    fn start_placed_with(places: Vec<Placement>, extra_toml: &str) -> Self {
+        let n = places.len();
         let root = tempfile::Builder::new()
             .prefix("arrowbus-cluster-")
             .tempdir()
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
         let tls_dir = root.path().join("tls");
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        // Clients verify the address they dial; nodes verify "localhost".
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(places.iter().map(|p| p.ip.to_string()));
+        names.dedup();
         arrowbus_broker::tls::ensure_dev_certificates(&tls_dir, &names)
             .unwrap_or_else(|e| panic!("dev certificates: {e}"));
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peers: Vec<String> = ports
+        let peers: Vec<String> = places
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("\"{}@127.0.0.1:{p}\"", i + 1))
+            .map(|(i, p)| format!("\"{}@{}\"", i + 1, std::net::SocketAddr::new(p.ip, p.port)))
             .collect();
         let mut nodes = Vec::new();
-        for (i, port) in ports.iter().enumerate() {
+        for (i, place) in places.iter().enumerate() {
             let dir = root.path().join(format!("node-{}", i + 1));
             std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("mkdir: {e}"));
             let config = format!(
-                "node_id = {id}\ndata_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\n\n\
+                "node_id = {id}\ndata_dir = {data:?}\nlisten = \"{listen}\"\n\n\
                  [tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\n\
                  [cluster]\npeers = [{peers}]\n\n{extra_toml}",
                 id = i + 1,
+                listen = std::net::SocketAddr::new(place.ip, place.port),
                 data = dir.join("data").display().to_string(),
                 cert = tls_dir.join("node.pem").display().to_string(),
                 key = tls_dir.join("node.key").display().to_string(),
@@ -82,7 +127,9 @@ impl Cluster {
             std::fs::write(dir.join("busd.toml"), config).unwrap_or_else(|e| panic!("config: {e}"));
             nodes.push(Node {
                 id: (i + 1) as u64,
-                port: *port,
+                port: place.port,
+                ip: place.ip,
+                netns: place.netns.clone(),
                 dir,
                 child: None,
             });
@@ -131,7 +178,16 @@ impl Cluster {
             .open(node.dir.join("busd.log"))
             .unwrap_or_else(|e| panic!("busd.log: {e}"));
         let log2 = log.try_clone().unwrap_or_else(|e| panic!("busd.log: {e}"));
-        let child = Command::new(busd_path())
+        let mut cmd = match &node.netns {
+            Some(ns) => {
+                // `ip netns exec` execs busd itself: the child's pid is busd's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(busd_path());
+                c
+            }
+            None => Command::new(busd_path()),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(node.dir.join("busd.toml"))

@@ -6,6 +6,7 @@
 //! enough.
 
 pub mod cluster;
+pub mod netns;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
