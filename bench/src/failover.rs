@@ -185,7 +185,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let report = format!(
         "# busbench failover — {}\n\n\
          Command: `busbench failover --busd {} --kills {}`\n\n\
-         Three local nodes (`busd dev --nodes 3`, fsync always, heartbeat 80 ms, election timeout 200–400 ms), \
+         Three local nodes (`busd dev --nodes 3`, fsync always, heartbeat 100 ms, election timeout 250–500 ms), \
          one partition with 3 replicas, one producer publishing 100-row batches back to back. \
          Sample = time from `kill -9` of the partition leader to the first acknowledgement after it.\n\n\
          | kills | median ms | max ms | acked batches | lost acked | publishes failed after retries |\n\

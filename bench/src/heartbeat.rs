@@ -68,7 +68,7 @@ async fn run(a: HeartbeatArgs) -> anyhow::Result<()> {
     let mut md = format!(
         "# busbench heartbeat — idle cluster cost by partition count\n\n\
          Command: `busbench heartbeat --busd {} --partitions {} --idle {}s`\n\n\
-         Three local nodes (`busd dev --nodes 3`, heartbeat 80 ms), one topic of N partitions \
+         Three local nodes (`busd dev --nodes 3`, heartbeat 100 ms), one topic of N partitions \
          with 3 replicas (every node hosts every partition and leads about a third), no data \
          flowing. CPU is the nodes' user + system time over the idle window, in percent of \
          one core; the machine has {} cores.\n\n\

@@ -46,6 +46,18 @@ use crate::types::{
 /// unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a peer connection may stay completely silent while RPCs wait
+/// on it before it is replaced (see `PeerPool::note_silence`).
+const DEAD_AFTER_SILENCE: Duration = Duration::from_millis(500);
+
+/// Since when a peer connection has received nothing (by its datagram
+/// count) while RPCs timed out on it.
+struct Silence {
+    conn: usize,
+    received: u64,
+    since: tokio::time::Instant,
+}
+
 /// Shortest time an append carrying entries may take (see `send_append`).
 const APPEND_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 
@@ -60,6 +72,7 @@ pub struct PeerPool {
     client: quinn::ClientConfig,
     server_name: String,
     conns: Mutex<HashMap<String, quinn::Connection>>,
+    silences: Mutex<HashMap<String, Silence>>,
 }
 
 impl PeerPool {
@@ -76,6 +89,7 @@ impl PeerPool {
             client,
             server_name,
             conns: Mutex::new(HashMap::new()),
+            silences: Mutex::new(HashMap::new()),
         })
     }
 
@@ -119,6 +133,7 @@ impl PeerPool {
         let conn = tokio::time::timeout_at(deadline, self.connection(addr))
             .await
             .map_err(|_| timed_out())??;
+        let started = tokio::time::Instant::now();
         let received_before = conn.stats().udp_rx.datagrams;
         let rpc = async {
             let (mut send, mut recv) = conn
@@ -134,18 +149,68 @@ impl PeerPool {
         match tokio::time::timeout_at(deadline, rpc).await {
             Ok(answer) => answer,
             Err(_) => {
-                // Not a single datagram (not even an ACK of our request) came
-                // back for the whole RPC: the process behind this connection
-                // is gone. A restarted peer is only found by a new handshake,
-                // since the old connection, backing off after its losses,
-                // would send its next packet (and meet the new process's
-                // stateless reset) seconds later.
-                if conn.stats().udp_rx.datagrams == received_before {
-                    self.forget(addr, &conn);
+                let received = conn.stats().udp_rx.datagrams;
+                if received == received_before {
+                    self.note_silence(addr, &conn, received, started);
                 }
                 Err(timed_out())
             }
         }
+    }
+
+    /// An RPC on `conn` timed out without a single datagram (not even an
+    /// ACK) coming back. When that silence has lasted [`DEAD_AFTER_SILENCE`]
+    /// across RPCs, the process behind the connection is gone: a restarted
+    /// peer is only found by a new handshake, since the old connection,
+    /// backing off after its losses, would send its next packet (and meet
+    /// the new process's stateless reset) seconds later. One short timeout
+    /// on a busy node is not enough: closing a live connection fails every
+    /// group's RPCs on it at once.
+    fn note_silence(
+        &self,
+        addr: &str,
+        conn: &quinn::Connection,
+        received: u64,
+        rpc_started: tokio::time::Instant,
+    ) {
+        let dead = {
+            let mut silences = lock(&self.silences);
+            match silences.get(addr) {
+                Some(s) if s.conn == conn.stable_id() && s.received == received => {
+                    let dead = s.since.elapsed() >= DEAD_AFTER_SILENCE;
+                    if dead {
+                        silences.remove(addr);
+                    }
+                    dead
+                }
+                _ => {
+                    silences.insert(
+                        addr.to_owned(),
+                        Silence {
+                            conn: conn.stable_id(),
+                            received,
+                            since: rpc_started,
+                        },
+                    );
+                    false
+                }
+            }
+        };
+        if dead {
+            self.forget(addr, conn);
+        }
+    }
+
+    /// Whether RPCs to `addr` have been timing out without a datagram back
+    /// (see [`PeerPool::note_silence`]) and nothing has arrived since.
+    fn is_silent(&self, addr: &str) -> bool {
+        let Some(conn) = lock(&self.conns).get(addr).cloned() else {
+            return false;
+        };
+        let received = conn.stats().udp_rx.datagrams;
+        lock(&self.silences)
+            .get(addr)
+            .is_some_and(|s| s.conn == conn.stable_id() && s.received == received)
     }
 
     /// Drop a dead connection so the next RPC to `addr` handshakes anew.
@@ -238,7 +303,10 @@ impl PeerClient {
         // replication off, so large batches would stall replication
         // exactly under load. Entries get a floor; empty heartbeats keep
         // openraft's timeout.
-        let timeout = if rpc.entries.is_empty() {
+        // A peer that has gone silent keeps openraft's short timeout: a
+        // long-pending append to a dead follower holds its log range in
+        // flight, and the leader cannot purge (retention) past it.
+        let timeout = if rpc.entries.is_empty() || self.pool.is_silent(&self.addr) {
             option.soft_ttl()
         } else {
             option.soft_ttl().max(APPEND_TIMEOUT_MIN)
