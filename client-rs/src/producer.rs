@@ -280,25 +280,9 @@ impl Producer {
         let mut backoff = RETRY_BACKOFF_MIN;
         // The first attempt is made now (this is where the window applies
         // backpressure); later ones when the ack is awaited.
-        let first = loop {
-            match self.attempt(topic, partition, &header, &body).await {
-                Ok(a) => break a,
-                Err(e) => match retry_hint(&e) {
-                    // The hint is recorded even when there is no time left
-                    // to retry: the caller's next publish goes to the leader
-                    // (with delivery_timeout 0 it would otherwise never learn).
-                    Some(hint) => {
-                        self.leader_moved(topic, partition, hint).await;
-                        if tokio::time::Instant::now() + backoff >= deadline {
-                            return Err(e);
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                    }
-                    None => return Err(e),
-                },
-            }
-        };
+        let first = self
+            .attempt_until_sent(topic, partition, &header, &body, deadline, &mut backoff)
+            .await?;
         let producer = self.clone();
         let topic = topic.to_owned();
         let fut = async move {
@@ -322,25 +306,43 @@ impl Producer {
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                attempt = loop {
-                    match producer.attempt(&topic, partition, &header, &body).await {
-                        Ok(a) => break a,
-                        Err(e) => match retry_hint(&e) {
-                            Some(hint) => {
-                                producer.leader_moved(&topic, partition, hint).await;
-                                if tokio::time::Instant::now() + backoff >= deadline {
-                                    return Err(e);
-                                }
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                            }
-                            None => return Err(e),
-                        },
-                    }
-                };
+                attempt = producer
+                    .attempt_until_sent(&topic, partition, &header, &body, deadline, &mut backoff)
+                    .await?;
             }
         };
         Ok(PendingAck { fut: Box::pin(fut) })
+    }
+
+    /// Put the batch on a pipeline, moving to the leader a retryable
+    /// refusal names (or asking again when it names none) until `deadline`.
+    async fn attempt_until_sent(
+        &self,
+        topic: &str,
+        partition: u32,
+        header: &Bytes,
+        body: &Bytes,
+        deadline: tokio::time::Instant,
+        backoff: &mut Duration,
+    ) -> Result<Attempt> {
+        loop {
+            let e = match self.attempt(topic, partition, header, body).await {
+                Ok(a) => return Ok(a),
+                Err(e) => e,
+            };
+            let Some(hint) = retry_hint(&e) else {
+                return Err(e);
+            };
+            // The hint is recorded even when there is no time left to retry:
+            // the caller's next publish goes to the leader (with
+            // delivery_timeout 0 it would otherwise never learn).
+            self.leader_moved(topic, partition, hint).await;
+            if tokio::time::Instant::now() + *backoff >= deadline {
+                return Err(e);
+            }
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(RETRY_BACKOFF_MAX);
+        }
     }
 
     async fn attempt(
