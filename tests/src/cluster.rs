@@ -255,6 +255,48 @@ impl Cluster {
     }
 
     /// The nodes' logs, for failure messages.
+    /// Wait (up to 60 s) until every node's replica of `topic`/`partition`
+    /// has applied the same last entry and names the same leader; returns
+    /// that leader. `what` says in the failure message when this was.
+    pub async fn await_converged(
+        &self,
+        client: &arrowbus::Client,
+        topic: &str,
+        partition: u32,
+        what: &str,
+    ) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // (leader, last log index, applied index) per node.
+            let mut seen = Vec::new();
+            for n in &self.nodes {
+                if let Ok(s) = client.admin().node_status(n.id).await {
+                    if let Some(g) = s
+                        .partitions
+                        .iter()
+                        .find(|g| g.topic == topic && g.partition == partition)
+                    {
+                        seen.push((g.leader, g.last_log_index, g.applied));
+                    }
+                }
+            }
+            let converged = seen.len() == self.nodes.len()
+                && seen
+                    .iter()
+                    .all(|s| s.0 != 0 && s.0 == seen[0].0 && s.1 == s.2 && s.1 == seen[0].1);
+            if converged {
+                return seen[0].0;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: replicas of {topic}/{partition} did not converge in 60 s: \
+                 (leader, last, applied) {seen:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.nodes
             .iter()

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use arrowbus::{NewTopic, StartAt, SubscribeOptions};
-use arrowbus_tests::cluster::{data_records, Cluster};
+use arrowbus_tests::cluster::{data_records, partition_dir, Cluster};
 use arrowbus_tests::{read_all, seed, seqs, ticks};
 use tokio::sync::mpsc;
 
@@ -116,51 +116,12 @@ async fn check_acked_present(client: &arrowbus::Client, topic: &str, acked: &Ack
     }
 }
 
-/// Wait until every node's replica of partition 0 has applied its group's
-/// last entry (followers caught up).
-async fn await_replicas_converged(client: &arrowbus::Client, cluster: &Cluster) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut applied = Vec::new();
-        for n in &cluster.nodes {
-            if let Ok(s) = client.admin().node_status(n.id).await {
-                if let Some(g) = s.partitions.iter().find(|g| g.partition == 0) {
-                    applied.push((g.applied, g.last_log_index));
-                }
-            }
-        }
-        let first = applied.first().copied();
-        if applied.len() == cluster.nodes.len()
-            && applied.iter().all(|a| Some(*a) == first && a.0 == a.1)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not converge in 30 s: {applied:?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// After the cluster is stopped: every replica's log holds the same data
 /// records, and they cover every acked offset.
 fn check_replicas_identical(cluster: &Cluster, topic_dir_prefix: &str, acked: &Acked) {
     let mut logs = Vec::new();
     for n in &cluster.nodes {
-        let topics = n.data_dir().join("topics");
-        let dir = std::fs::read_dir(&topics)
-            .unwrap_or_else(|e| panic!("{}: {e}", topics.display()))
-            .filter_map(|e| e.ok())
-            .find(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(topic_dir_prefix)
-            })
-            .unwrap_or_else(|| panic!("node {} has no {topic_dir_prefix}* directory", n.id))
-            .path()
-            .join("p-0");
+        let dir = partition_dir(n, topic_dir_prefix, 0);
         logs.push((n.id, data_records(&dir)));
     }
     let (first_id, first) = &logs[0];
@@ -241,7 +202,9 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
     );
 
     check_acked_present(&client, "ticks", &acked).await;
-    await_replicas_converged(&client, &cluster).await;
+    cluster
+        .await_converged(&client, "ticks", 0, "after the kills")
+        .await;
     client.close().await;
     for id in 1..=3 {
         assert_eq!(

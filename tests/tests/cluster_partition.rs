@@ -135,40 +135,6 @@ fn publish_inside(net: &Netns, leader: u64, addr: String, ca: std::path::PathBuf
     })
 }
 
-/// Wait until every node reports the same last log index for partition 0,
-/// all of it applied, and one leader.
-async fn await_converged(client: &arrowbus::Client, cluster: &Cluster) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut seen = Vec::new();
-        for n in &cluster.nodes {
-            if let Ok(s) = client.admin().node_status(n.id).await {
-                if let Some(g) = s
-                    .partitions
-                    .iter()
-                    .find(|g| g.topic == TOPIC && g.partition == 0)
-                {
-                    seen.push((g.leader, g.last_log_index, g.applied));
-                }
-            }
-        }
-        if seen.len() == cluster.nodes.len()
-            && seen
-                .iter()
-                .all(|s| s.0 != 0 && s.1 == s.2 && s.0 == seen[0].0)
-            && seen.iter().all(|s| s.1 == seen[0].1)
-        {
-            return seen[0].0;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not converge in 30 s after healing: (leader, last, applied) {seen:?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn isolated_leader_acks_nothing_majority_serves_old_tail_discarded() {
     // Declared first so it drops last: nodes are stopped, then the
@@ -246,7 +212,9 @@ async fn isolated_leader_acks_nothing_majority_serves_old_tail_discarded() {
     net.heal();
     let healed = Instant::now();
     let client = cluster.client().await;
-    let leader_after = await_converged(&client, &cluster).await;
+    let leader_after = cluster
+        .await_converged(&client, TOPIC, 0, "after healing")
+        .await;
     eprintln!(
         "replicas converged {:.1} s after healing",
         healed.elapsed().as_secs_f64()

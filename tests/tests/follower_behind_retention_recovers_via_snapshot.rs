@@ -104,33 +104,6 @@ async fn leader_of(client: &arrowbus::Client, cluster: &Cluster) -> u64 {
     }
 }
 
-/// Wait until every node's replica of partition 0 has applied the same,
-/// last entry of its log.
-async fn await_converged(client: &arrowbus::Client, cluster: &Cluster, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut seen = Vec::new();
-        for n in &cluster.nodes {
-            if let Ok(s) = client.admin().node_status(n.id).await {
-                if let Some(g) = s.partitions.iter().find(|g| g.partition == 0) {
-                    seen.push((g.applied, g.last_log_index));
-                }
-            }
-        }
-        let first = seen.first().copied();
-        if seen.len() == cluster.nodes.len() && seen.iter().all(|a| Some(*a) == first && a.0 == a.1)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: replicas did not converge in 60 s: {seen:?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Every acknowledged batch at or after `from` is read back, from the
 /// current leader, with the acknowledged values; returns how many.
 async fn check_acked_readable(client: &arrowbus::Client, acked: &Acked, from: u64) -> usize {
@@ -193,7 +166,9 @@ async fn follower_behind_retention_recovers_via_snapshot() {
         acked: Acked::new(),
     };
     publisher.publish(10, &cluster).await;
-    await_converged(&client, &cluster, "before the fault").await;
+    cluster
+        .await_converged(&client, "ticks", 0, "before the fault")
+        .await;
 
     let leader = leader_of(&client, &cluster).await;
     let down = (1..=3u64).find(|id| *id != leader).unwrap_or(1);
@@ -235,7 +210,9 @@ async fn follower_behind_retention_recovers_via_snapshot() {
         .matches("snapshot installed")
         .count();
     cluster.restart(down);
-    await_converged(&client, &cluster, "after the follower restarted").await;
+    cluster
+        .await_converged(&client, "ticks", 0, "after the follower restarted")
+        .await;
     let installs = cluster
         .node(down)
         .log()
@@ -267,7 +244,9 @@ async fn follower_behind_retention_recovers_via_snapshot() {
 
     // Publishing continues, and the recovered follower takes part.
     publisher.publish(10, &cluster).await;
-    await_converged(&client, &cluster, "after publishing again").await;
+    cluster
+        .await_converged(&client, "ticks", 0, "after publishing again")
+        .await;
     let final_leader = leader_of(&client, &cluster).await;
     let (leader_earliest, _) = replica_offsets(&node_client(&cluster, final_leader).await)
         .await
