@@ -46,6 +46,12 @@ use crate::types::{
 /// unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a peer that is down is probed with a handshake, and how long
+/// that handshake may take (a live peer on a LAN answers in milliseconds;
+/// a restarted one is found within one probe interval).
+const DOWN_PROBE_EVERY: Duration = Duration::from_millis(500);
+const DOWN_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// How long a peer connection may stay completely silent while RPCs wait
 /// on it before it is replaced (see `PeerPool::note_silence`).
 const DEAD_AFTER_SILENCE: Duration = Duration::from_millis(500);
@@ -73,6 +79,9 @@ pub struct PeerPool {
     server_name: String,
     conns: Mutex<HashMap<String, quinn::Connection>>,
     silences: Mutex<HashMap<String, Silence>>,
+    /// Peers whose last handshake failed (or whose connection went
+    /// silent), with when they were last probed.
+    down: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl PeerPool {
@@ -90,6 +99,7 @@ impl PeerPool {
             server_name,
             conns: Mutex::new(HashMap::new()),
             silences: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
         })
     }
 
@@ -103,6 +113,23 @@ impl PeerPool {
                 return Ok(c.clone());
             }
         }
+        // A peer known to be down is probed at most every DOWN_PROBE_EVERY,
+        // with a short handshake; every other caller fails at once. Waiting
+        // callers would hold their replication session's log range in
+        // flight, and a leader cannot purge (retention) past such a range.
+        let timeout = {
+            let mut down = lock(&self.down);
+            match down.get_mut(addr) {
+                Some(last_probe) if last_probe.elapsed() < DOWN_PROBE_EVERY => {
+                    return Err(PeerError(format!("{addr} is down (last handshake failed)")));
+                }
+                Some(last_probe) => {
+                    *last_probe = tokio::time::Instant::now();
+                    DOWN_CONNECT_TIMEOUT
+                }
+                None => CONNECT_TIMEOUT,
+            }
+        };
         let sock: SocketAddr = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| PeerError(format!("resolve {addr}: {e}")))?
@@ -112,10 +139,19 @@ impl PeerPool {
             .endpoint
             .connect_with(self.client.clone(), sock, &self.server_name)
             .map_err(|e| PeerError(format!("connect {addr}: {e}")))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| PeerError(format!("connect {addr}: timed out")))?
-            .map_err(|e| PeerError(format!("connect {addr}: {e}")))?;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            failed => {
+                lock(&self.down)
+                    .entry(addr.to_owned())
+                    .or_insert_with(tokio::time::Instant::now);
+                return Err(PeerError(match failed {
+                    Ok(Err(e)) => format!("connect {addr}: {e}"),
+                    _ => format!("connect {addr}: timed out after {timeout:?}"),
+                }));
+            }
+        };
+        lock(&self.down).remove(addr);
         lock(&self.conns).insert(addr.to_owned(), conn.clone());
         Ok(conn)
     }
@@ -222,6 +258,14 @@ impl PeerPool {
         {
             conns.remove(addr);
             dead.close(quinn::VarInt::from_u32(0), b"peer stopped answering");
+            lock(&self.down)
+                .entry(addr.to_owned())
+                // Due for a probe at once: a restarted peer is found by the
+                // next RPC.
+                .or_insert_with(|| {
+                    let now = tokio::time::Instant::now();
+                    now.checked_sub(DOWN_PROBE_EVERY).unwrap_or(now)
+                });
         }
     }
 }
