@@ -48,6 +48,26 @@ pub(crate) fn idx_path(dir: &Path, base_index: u64) -> PathBuf {
     dir.join(format!("{base_index:020}.idx"))
 }
 
+/// Replace `path` with `bytes` so that a crash leaves the old file or the
+/// new one: write a temporary beside it, fsync it, rename it over. The
+/// caller fsyncs the directory when the rename itself must be durable. A
+/// failed attempt removes its temporary.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    let tmp = tmp_path(path);
+    let res = std::fs::write(&tmp, bytes)
+        .map_err(|e| write_err("write", &tmp, e))
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err("fsync", &tmp, e))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| write_err("rename", &tmp, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
 pub(crate) fn tmp_path(final_path: &Path) -> PathBuf {
     let mut s = final_path.as_os_str().to_owned();
     s.push(".tmp");

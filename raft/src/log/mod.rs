@@ -1405,22 +1405,7 @@ fn create_segment(dir: &Path, meta: &SegMeta) -> Result<(PathBuf, File), LogErro
 /// fsyncs the directory).
 fn write_idx(dir: &Path, meta: &SegMeta, index: &[IndexEntry]) -> Result<(), LogError> {
     let path = disk::idx_path(dir, meta.base_index);
-    let tmp = disk::tmp_path(&path);
-    let bytes = disk::encode_idx(meta, index);
-    let res = std::fs::write(&tmp, &bytes)
-        .map_err(|e| disk::write_err("write", &tmp, e))
-        .and_then(|()| {
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| disk::io_err("fsync", &tmp, e))
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, &path).map_err(|e| disk::write_err("rename", &tmp, e))
-        });
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    disk::replace_file(&path, &disk::encode_idx(meta, index))
 }
 
 /// Recovery (module doc): verify and load every segment, cut a torn tail.

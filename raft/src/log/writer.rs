@@ -538,18 +538,7 @@ impl Writer {
     fn do_reset(&mut self, meta: SegMeta) -> Result<(), LogError> {
         let dir = self.inner.dir.clone();
         let marker = disk::reset_marker_path(&dir);
-        let tmp = disk::tmp_path(&marker);
-        let header = disk::encode_seg_header(&meta);
-        std::fs::write(&tmp, header)
-            .map_err(|e| disk::write_err("write", &tmp, e))
-            .and_then(|()| {
-                File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| disk::io_err("fsync", &tmp, e))
-            })
-            .and_then(|()| {
-                std::fs::rename(&tmp, &marker).map_err(|e| disk::write_err("rename", &tmp, e))
-            })?;
+        disk::replace_file(&marker, &disk::encode_seg_header(&meta))?;
         disk::fsync_dir(&dir)?;
         // From here a crash ends in the new log (recovery finishes it).
         let _removal = lock(&self.inner.removal);
