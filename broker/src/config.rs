@@ -41,6 +41,10 @@ pub struct ClusterSettings {
     /// included. Empty: a cluster of this node alone. Read only on first
     /// start (an empty controller log); later membership lives in the log.
     pub peers: Vec<String>,
+    /// Join an existing cluster instead of creating one: the node starts
+    /// empty and waits until `busctl cluster add-node` adds it (`peers` is
+    /// then not needed).
+    pub join: bool,
     /// TLS server name the nodes' certificates carry (nodes verify each
     /// other with `tls.ca`).
     pub server_name: String,
@@ -57,6 +61,7 @@ impl Default for ClusterSettings {
         let t = arrowbus_raft::group::RaftTiming::default();
         Self {
             peers: Vec::new(),
+            join: false,
             server_name: "localhost".into(),
             heartbeat_ms: t.heartbeat_ms,
             election_timeout_min_ms: t.election_min_ms,
@@ -274,7 +279,7 @@ impl BrokerConfig {
         let peers = self
             .peers()
             .map_err(|why| bad("cluster.peers", format!("{:?}", c.peers), why))?;
-        if !peers.is_empty() && !peers.contains_key(&self.node_id) {
+        if !c.join && !c.peers.is_empty() && !peers.contains_key(&self.node_id) {
             return Err(bad(
                 "cluster.peers",
                 format!("{:?}", c.peers),
@@ -330,13 +335,7 @@ impl BrokerConfig {
                 .ok()
                 .filter(|i| *i > 0)
                 .ok_or_else(|| format!("{p:?}: the id must be a positive integer"))?;
-            if addr
-                .rsplit_once(':')
-                .and_then(|(_, port)| port.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(format!("{p:?}: the address must be host:port"));
-            }
+            check_host_port(addr).map_err(|why| format!("{p:?}: {why}"))?;
             if out.insert(id, addr.to_owned()).is_some() {
                 return Err(format!("node id {id} is listed twice"));
             }
@@ -345,6 +344,11 @@ impl BrokerConfig {
             out.insert(self.node_id, self.advertised());
         }
         Ok(out)
+    }
+
+    /// Whether this node may create a cluster: not when it joins one.
+    pub fn creates_cluster(&self) -> bool {
+        !self.cluster.join
     }
 
     pub fn raft_timing(&self) -> arrowbus_raft::group::RaftTiming {
@@ -373,6 +377,16 @@ impl BrokerConfig {
             },
             max_group_bytes: self.log.max_group_bytes,
         }
+    }
+}
+
+/// `Ok` when `addr` is `host:port` with a valid port.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(format!("{addr:?}: the address must be host:port")),
     }
 }
 

@@ -309,6 +309,18 @@ impl Broker {
             ClientMessage::ClusterStatus => Ok(ServerMessage::Cluster(
                 self.topics.status(self.config.advertised()),
             )),
+            ClientMessage::AddNode { id, addr } => {
+                let change = self.topics.add_node(id, &addr).await?;
+                info!(node = id, %addr, moves = change.moves.len(), "node added");
+                Ok(ServerMessage::NodeChange(node_change(change)))
+            }
+            ClientMessage::RemoveNode { id } => {
+                let change = self.topics.remove_node(id).await?;
+                if change.removed {
+                    info!(node = id, "node removed");
+                }
+                Ok(ServerMessage::NodeChange(node_change(change)))
+            }
             ClientMessage::SetSchemaIfAbsent { topic, schema_ipc } => {
                 let s = self
                     .topics
@@ -821,4 +833,21 @@ pub fn bind_endpoint(
 
 pub fn local_addr(endpoint: &quinn::Endpoint) -> Option<SocketAddr> {
     endpoint.local_addr().ok()
+}
+
+fn node_change(c: crate::topics::NodeChange) -> arrowbus_wire::NodeChange {
+    arrowbus_wire::NodeChange {
+        moves: c
+            .moves
+            .into_iter()
+            .map(|m| arrowbus_wire::PartitionMove {
+                topic: m.topic,
+                partition: m.partition,
+                from: m.from,
+                to: m.to,
+            })
+            .collect(),
+        moving: c.moving as u64,
+        removed: c.removed,
+    }
 }

@@ -34,6 +34,9 @@ use crate::controller::{
 use crate::error::BrokerError;
 use crate::ipc::{self, TopicSchema};
 
+mod moves;
+pub use moves::NodeChange;
+
 /// Free space a partition's file system keeps in reserve: Raft's own
 /// entries, segment headers and index files must always fit.
 pub const MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
@@ -57,7 +60,6 @@ const ADMIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Partition {
     pub topic: String,
     pub id: u32,
-    pub replicas: Vec<NodeId>,
     group: Group<PartitionApplier>,
     node_id: NodeId,
     /// Last assigned append time (leader side): timestamps never go backwards
@@ -188,7 +190,9 @@ impl Partition {
         Ok(requested.then_some(cut))
     }
 
-    pub fn info(&self) -> PartitionInfo {
+    /// Its state as this replica sees it; `replicas` and `moving_to` come
+    /// from the controller's record of the topic.
+    pub fn info(&self, replicas: Vec<NodeId>, moving_to: Vec<NodeId>) -> PartitionInfo {
         let s = self.log().stats();
         let m = self.group.raft.metrics().borrow_watched().clone();
         let pos = *self.group.sm.position().borrow();
@@ -206,7 +210,8 @@ impl Partition {
         PartitionInfo {
             partition: self.id,
             leader: m.current_leader.unwrap_or(0),
-            replicas: self.replicas.clone(),
+            replicas,
+            moving_to,
             in_sync,
             earliest_offset: s.start_offset,
             latest_offset: pos.next_offset,
@@ -301,12 +306,23 @@ impl Topic {
                 .local
                 .iter()
                 .enumerate()
-                .map(|(p, local)| match local {
-                    Some(part) => part.info(),
+                .map(|(p, local)| {
+                    let replicas = self.meta.assignments.get(p).cloned().unwrap_or_default();
+                    let moving_to = self
+                        .meta
+                        .moving
+                        .get(&(p as u32))
+                        .cloned()
+                        .unwrap_or_default();
+                    (p, local, replicas, moving_to)
+                })
+                .map(|(p, local, replicas, moving_to)| match local {
+                    Some(part) => part.info(replicas, moving_to),
                     None => PartitionInfo {
                         partition: p as u32,
                         leader: 0,
-                        replicas: self.meta.assignments[p].clone(),
+                        replicas,
+                        moving_to,
                         in_sync: Vec::new(),
                         earliest_offset: 0,
                         latest_offset: 0,
@@ -341,16 +357,20 @@ pub struct Topics {
     groups: Mutex<HashMap<u64, Arc<Partition>>>,
     /// Serializes reconciliation runs.
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// Partition moves this node drives as their leader (see [`moves`]).
+    moves: moves::Running,
 }
 
 impl Topics {
     /// Start the controller group (initializing it on first boot, from the
-    /// lowest-id initial peer) and the partitions this node hosts.
+    /// lowest-id initial peer; a node that joins an existing cluster has no
+    /// initial peers and waits to be added) and the partitions this node
+    /// hosts.
     pub async fn open(
         data_dir: &Path,
         env: GroupEnv,
         log_cfg: LogConfig,
-        initial_peers: &BTreeMap<NodeId, String>,
+        initial_peers: Option<&BTreeMap<NodeId, String>>,
     ) -> Result<Arc<Self>, BrokerError> {
         let node_id = env.node_id;
         let dir = data_dir.join("topics");
@@ -366,6 +386,12 @@ impl Topics {
             .map_err(storage_err)?;
         let pristine = controller.store.vote().is_none()
             && controller.store.log().last_enqueued().last_index == 0;
+        let Some(initial_peers) = initial_peers else {
+            if pristine {
+                tracing::info!(node_id, "joining a cluster: waiting for `busctl cluster add-node {node_id} <this node's address>`");
+            }
+            return Self::finish_open(node_id, dir, log_cfg, env, controller).await;
+        };
         if pristine && initial_peers.keys().next() == Some(&node_id) {
             let members: BTreeMap<NodeId, BasicNode> = initial_peers
                 .iter()
@@ -378,6 +404,16 @@ impl Topics {
                 .await
                 .map_err(|e| BrokerError::internal(format!("initialize controller: {e}")))?;
         }
+        Self::finish_open(node_id, dir, log_cfg, env, controller).await
+    }
+
+    async fn finish_open(
+        node_id: NodeId,
+        dir: PathBuf,
+        log_cfg: LogConfig,
+        env: GroupEnv,
+        controller: Group<ControllerApplier>,
+    ) -> Result<Arc<Self>, BrokerError> {
         let topics = Arc::new(Self {
             node_id,
             dir,
@@ -387,10 +423,13 @@ impl Topics {
             map: RwLock::new(BTreeMap::new()),
             groups: Mutex::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
+            moves: moves::Running::default(),
         });
         topics.reconcile().await?;
         let t = topics.clone();
         tokio::spawn(async move { t.reconcile_loop().await });
+        let t = topics.clone();
+        tokio::spawn(async move { t.move_loop().await });
         Ok(topics)
     }
 
@@ -425,17 +464,24 @@ impl Topics {
             };
             let mut local = Vec::with_capacity(rec.assignments.len());
             for (p, replicas) in rec.assignments.iter().enumerate() {
-                if !replicas.contains(&self.node_id) {
+                let p = p as u32;
+                // A replica, or the target of a move: a node keeps hosting a
+                // partition moving away from it until the move is complete.
+                if !rec.hosts(p).any(|n| n == self.node_id) {
                     local.push(None);
                     continue;
                 }
-                let gid = partition_group(rec.id, p as u32);
+                let gid = partition_group(rec.id, p);
                 wanted.insert(gid, ());
                 let existing = self.lock_groups().get(&gid).cloned();
                 let part = match existing {
                     Some(part) => part,
                     None => {
-                        let part = Arc::new(self.open_partition(&rec, p as u32, replicas).await?);
+                        // Only a partition's first replica set is created
+                        // here; nodes a move adds are made members by the
+                        // partition's leader.
+                        let create = (!rec.moving.contains_key(&p)).then_some(replicas.as_slice());
+                        let part = Arc::new(self.open_partition(&rec, p, create).await?);
                         self.lock_groups().insert(gid, part.clone());
                         part
                     }
@@ -469,9 +515,24 @@ impl Topics {
                 .map(|t| self.topic_dir(&t.meta))
                 .collect()
         };
+        let moved_away: Vec<bool> = removed
+            .iter()
+            .map(|(_, p)| new_map.contains_key(&p.topic))
+            .collect();
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = new_map;
-        for (_, p) in removed {
+        for ((_, p), moved_away) in removed.into_iter().zip(moved_away) {
             p.group.shutdown(&self.env.registry).await;
+            // The partition moved to other nodes (its Raft group no longer
+            // counts this one): its files here are dead weight, and a later
+            // move back must start from an empty replica.
+            if moved_away {
+                let dir = p.log().dir().to_owned();
+                tracing::info!(topic = %p.topic, partition = p.id, path = %dir.display(),
+                    "partition moved away; removing its replica");
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "could not remove a moved partition's files");
+                }
+            }
         }
         for d in old_dirs {
             if let Err(e) = std::fs::remove_dir_all(&d) {
@@ -489,11 +550,13 @@ impl Topics {
         self.dir.join(format!("{}-{}", t.name, t.id))
     }
 
+    /// Open (or create) the local replica of partition `p`. `create`: the
+    /// partition's initial replicas, if this node may create its group.
     async fn open_partition(
         &self,
         t: &TopicRecord,
         p: u32,
-        replicas: &[NodeId],
+        create: Option<&[NodeId]>,
     ) -> Result<Partition, BrokerError> {
         let gid = partition_group(t.id, p);
         let pdir = self.topic_dir(t).join(format!("p-{p}"));
@@ -518,7 +581,7 @@ impl Topics {
         let pristine = group.store.vote().is_none() && last.last_index == 0;
         // The preferred leader (first replica) creates the group; the others
         // join when its first messages arrive.
-        if pristine && replicas.first() == Some(&self.node_id) {
+        if let Some(replicas) = create.filter(|r| pristine && r.first() == Some(&self.node_id)) {
             let nodes = self.node_addrs();
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()
@@ -538,11 +601,11 @@ impl Topics {
             // is usable as soon as its creation returns.
             let _ = group.raft.trigger().elect(false).await;
         }
-        tracing::info!(topic = %t.name, partition = p, ?replicas, "partition replica started");
+        tracing::info!(topic = %t.name, partition = p, replicas = ?t.assignments.get(p as usize),
+            moving_to = ?t.moving.get(&p), "partition replica started");
         Ok(Partition {
             topic: t.name.clone(),
             id: p,
-            replicas: replicas.to_vec(),
             group,
             node_id: self.node_id,
             last_ts: Mutex::new((last_ts, 0)),
@@ -714,18 +777,19 @@ impl Topics {
         match self.propose(cmd).await? {
             ControllerReply::Topic(_) => {}
             ControllerReply::Refused { code, message } => return Err(refused(code, message)),
-            ControllerReply::Deleted => {
-                return Err(BrokerError::internal(
-                    "controller answered create with delete",
-                ))
+            other => {
+                return Err(BrokerError::internal(format!(
+                    "controller answered create with {other:?}"
+                )))
             }
         }
         let topic = self.get(&req.name)?;
         // Wait (bounded) for local partitions to elect, so that a publish
         // right after creation finds a leader.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        for p in topic.local.iter().flatten() {
-            if p.replicas.first() != Some(&self.node_id) {
+        for (p, replicas) in topic.local.iter().zip(&topic.meta.assignments) {
+            let Some(p) = p else { continue };
+            if replicas.first() != Some(&self.node_id) {
                 continue;
             }
             let _ = tokio::time::timeout_at(
@@ -788,9 +852,11 @@ impl Topics {
             if m.state != ServerState::Leader {
                 continue;
             }
-            if let Some(to) = p.replicas.iter().find(|r| **r != self.node_id) {
+            // The group's own voters: during a move they differ from the
+            // controller's replica list.
+            let to = m.membership_config.voter_ids().find(|r| *r != self.node_id);
+            if let Some(to) = to {
                 let raft = p.group.raft.clone();
-                let to = *to;
                 moves.push(Box::pin(async move {
                     let _ = raft.trigger().transfer_leader(to).await;
                     let _ = tokio::time::timeout(

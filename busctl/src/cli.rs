@@ -55,8 +55,33 @@ pub enum Command {
     /// Read a topic (to its current end, or tail it with --follow).
     Consume(ConsumeArgs),
     /// Show the cluster's nodes with their Raft roles, terms, commit and
-    /// applied indexes, and replication lag.
-    Cluster,
+    /// applied indexes, and replication lag; add or remove nodes.
+    Cluster {
+        #[command(subcommand)]
+        cmd: Option<ClusterCmd>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Add a node that is already running with `cluster.join = true`, and
+    /// move a fair share of partition replicas onto it (in the background:
+    /// `busctl topics describe` shows moves under way).
+    AddNode {
+        /// The node's id (its `node_id`).
+        id: u64,
+        /// The address it listens on, HOST:PORT, as the other nodes reach it.
+        addr: String,
+    },
+    /// Move every partition replica off a node, then remove it from the
+    /// cluster. Waits for the moves; the node can be stopped afterwards.
+    RemoveNode {
+        id: u64,
+        /// Give up waiting after this many seconds (the moves continue; run
+        /// the command again to wait more).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

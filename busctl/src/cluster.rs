@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use arrowbus::Client;
-use arrowbus_wire::{GroupStatus, NodeStatus};
+use arrowbus_wire::{GroupStatus, NodeChange, NodeStatus};
 use serde_json::{json, Value};
 
 use crate::cli::Output;
@@ -80,6 +80,95 @@ pub async fn run(client: &Client, out: Output) -> Result<()> {
         )
     );
     Ok(())
+}
+
+/// `busctl cluster add-node ID ADDR`.
+pub async fn add_node(client: &Client, id: u64, addr: &str, out: Output) -> Result<()> {
+    let change = client.admin().add_node(id, addr).await?;
+    if out == Output::Json {
+        return print_json(&change_json(&change));
+    }
+    println!(
+        "node {id} ({addr}) joined the cluster; {} partition(s) move to it",
+        change.moves.len()
+    );
+    print_moves(&change);
+    if !change.moves.is_empty() {
+        println!("The moves run in the background: `busctl topics describe <topic>` shows MOVING-TO until each is done.");
+    }
+    Ok(())
+}
+
+/// `busctl cluster remove-node ID`: waits until the node holds no replica
+/// and has left the controller.
+pub async fn remove_node(client: &Client, id: u64, timeout_secs: u64, out: Output) -> Result<()> {
+    let mut announced = false;
+    let mut last_left = None;
+    let change = client
+        .admin()
+        .remove_node_wait(id, Duration::from_secs(timeout_secs), |c| {
+            if out == Output::Json {
+                return;
+            }
+            if !announced {
+                announced = true;
+                println!("moving {} partition(s) off node {id}", c.moves.len());
+                print_moves(c);
+            }
+            if !c.removed && last_left != Some(c.moving) {
+                last_left = Some(c.moving);
+                eprintln!("... {} partition(s) still on node {id}", c.moving);
+            }
+        })
+        .await?;
+    if out == Output::Json {
+        return print_json(&change_json(&change));
+    }
+    if change.removed {
+        println!("node {id} left the cluster; it holds no data and can be stopped");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "node {id}: {} partition(s) still moving after {timeout_secs} s; the moves continue, run the command again to wait",
+            change.moving
+        )
+    }
+}
+
+fn print_moves(c: &NodeChange) {
+    if c.moves.is_empty() {
+        return;
+    }
+    let rows: Vec<Vec<String>> = c
+        .moves
+        .iter()
+        .map(|m| {
+            vec![
+                m.topic.clone(),
+                m.partition.to_string(),
+                ids(&m.from),
+                ids(&m.to),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["TOPIC", "PARTITION", "FROM", "TO"], &rows));
+}
+
+fn ids(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn change_json(c: &NodeChange) -> Value {
+    json!({
+        "moves": c.moves.iter().map(|m| json!({
+            "topic": m.topic,
+            "partition": m.partition,
+            "from": m.from,
+            "to": m.to,
+        })).collect::<Vec<_>>(),
+        "moving": c.moving,
+        "removed": c.removed,
+    })
 }
 
 /// Partition groups this node leads.

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
-use cli::{Cli, Command, Output};
+use cli::{Cli, ClusterCmd, Command, Output};
 
 /// Exit code of a usage error (clap's convention).
 const EXIT_USAGE: u8 = 2;
@@ -89,7 +89,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Topics { cmd } => topics::run(&client, cmd, cli.output).await,
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
-        Command::Cluster => cluster::run(&client, cli.output).await,
+        Command::Cluster { cmd: None } => cluster::run(&client, cli.output).await,
+        Command::Cluster {
+            cmd: Some(ClusterCmd::AddNode { id, addr }),
+        } => cluster::add_node(&client, id, &addr, cli.output).await,
+        Command::Cluster {
+            cmd: Some(ClusterCmd::RemoveNode { id, timeout_secs }),
+        } => cluster::remove_node(&client, id, timeout_secs, cli.output).await,
     }
 }
 

@@ -79,6 +79,7 @@ fn detail_json(info: &TopicInfo) -> Result<Value> {
                 "partition": p.partition,
                 "leader": p.leader,
                 "replicas": p.replicas,
+                "moving_to": p.moving_to,
                 "in_sync": p.in_sync,
                 "earliest_offset": p.earliest_offset,
                 "latest_offset": p.latest_offset,
@@ -243,6 +244,15 @@ async fn describe(client: &Client, name: &str, out: Output) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
+                if p.moving_to.is_empty() {
+                    "-".to_owned()
+                } else {
+                    p.moving_to
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 p.earliest_offset.to_string(),
                 p.latest_offset.to_string(),
                 p.latest_offset
@@ -261,6 +271,7 @@ async fn describe(client: &Client, name: &str, out: Output) -> Result<()> {
                 "LEADER",
                 "REPLICAS",
                 "IN-SYNC",
+                "MOVING-TO",
                 "EARLIEST",
                 "LATEST",
                 "ROWS",

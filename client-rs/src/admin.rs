@@ -118,6 +118,57 @@ impl Admin {
         }
     }
 
+    /// Add node `id`, already running at `addr` with `cluster.join = true`,
+    /// to the cluster. Returns once it is a controller voter; the partition
+    /// moves it starts (in the answer) continue in the background.
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<arrowbus_wire::NodeChange> {
+        let msg = ClientMessage::AddNode {
+            id,
+            addr: addr.to_owned(),
+        };
+        match self.client.conn.request(&msg).await? {
+            ServerMessage::NodeChange(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Move every replica off node `id` and remove it from the cluster.
+    /// One call waits a few seconds; `removed: false` in the answer means
+    /// replicas are still moving (call again to keep waiting; it is
+    /// idempotent). [`Admin::remove_node_wait`] loops for you.
+    pub async fn remove_node(&self, id: u64) -> Result<arrowbus_wire::NodeChange> {
+        match self
+            .client
+            .conn
+            .request(&ClientMessage::RemoveNode { id })
+            .await?
+        {
+            ServerMessage::NodeChange(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Admin::remove_node`] until the node has left, or `timeout`; the
+    /// moves the first call started, and the last answer.
+    pub async fn remove_node_wait(
+        &self,
+        id: u64,
+        timeout: std::time::Duration,
+        mut progress: impl FnMut(&arrowbus_wire::NodeChange),
+    ) -> Result<arrowbus_wire::NodeChange> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut moves = None;
+        loop {
+            let mut change = self.remove_node(id).await?;
+            let started = moves.get_or_insert_with(|| change.moves.clone());
+            change.moves = started.clone();
+            progress(&change);
+            if change.removed || tokio::time::Instant::now() >= deadline {
+                return Ok(change);
+            }
+        }
+    }
+
     pub async fn metadata(&self) -> Result<ClusterMetadata> {
         match self.client.conn.request(&ClientMessage::Metadata).await? {
             ServerMessage::Metadata(m) => Ok(m),
@@ -134,6 +185,7 @@ pub(crate) fn unexpected(m: ServerMessage) -> Error {
         ServerMessage::TopicDeleted { .. } => "TopicDeleted",
         ServerMessage::Metadata(_) => "Metadata",
         ServerMessage::Cluster(_) => "Cluster",
+        ServerMessage::NodeChange(_) => "NodeChange",
         ServerMessage::Schema { .. } => "Schema",
         ServerMessage::Ack(_) => "Ack",
         ServerMessage::Subscribed(_) => "Subscribed",

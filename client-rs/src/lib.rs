@@ -65,6 +65,10 @@ pub struct Client {
     leader_hints: Arc<Mutex<HashMap<(String, u32), u64>>>,
 }
 
+/// How long `describe` waits for a replica's view of partitions the first
+/// node it asked does not host.
+const REPLICA_DESCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self> {
         Ok(Self {
@@ -225,11 +229,63 @@ impl Client {
             .request(&ClientMessage::DescribeTopic { topic: name.into() })
             .await?
         {
-            ServerMessage::Topic(info) => {
+            ServerMessage::Topic(mut info) => {
+                self.fill_from_replicas(&mut info).await;
                 self.remember(&info)?;
                 Ok(info)
             }
             other => Err(admin::unexpected(other)),
+        }
+    }
+
+    /// A node knows the leader and offsets only of the partitions it hosts
+    /// (it answers leader 0 for the others), and the in-sync replicas only
+    /// of those it leads: ask the leader (or, when unknown, the first
+    /// replica) of each other partition, concurrently and briefly, and take
+    /// its view. Partitions whose nodes do not answer keep what the first
+    /// node said (a producer then tries the replicas in turn).
+    async fn fill_from_replicas(&self, info: &mut TopicInfo) {
+        let incomplete = |p: &PartitionInfo| p.leader == 0 || p.in_sync.is_empty();
+        let mut ask: Vec<u64> = info
+            .partitions
+            .iter()
+            .filter(|p| incomplete(p))
+            .filter_map(|p| match p.leader {
+                0 => p.replicas.first().copied(),
+                l => Some(l),
+            })
+            .collect();
+        ask.sort_unstable();
+        ask.dedup();
+        if ask.is_empty() {
+            return;
+        }
+        let msg = ClientMessage::DescribeTopic {
+            topic: info.name.clone(),
+        };
+        let answers = futures::future::join_all(ask.iter().map(|node| {
+            tokio::time::timeout(REPLICA_DESCRIBE_TIMEOUT, self.conn.request_to(*node, &msg))
+        }))
+        .await;
+        for answer in answers {
+            let Ok(Ok(ServerMessage::Topic(theirs))) = answer else {
+                continue;
+            };
+            for p in theirs.partitions {
+                let Some(mine) = info
+                    .partitions
+                    .iter_mut()
+                    .find(|m| m.partition == p.partition)
+                else {
+                    continue;
+                };
+                // A leader's own view, or any hosting replica's over none.
+                let better = (!p.in_sync.is_empty() && mine.in_sync.is_empty())
+                    || (p.leader != 0 && mine.leader == 0);
+                if better {
+                    *mine = p;
+                }
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use arrowbus_wire::limits::MAX_BODY_BYTES;
 use arrowbus_wire::peer::{
-    self, AppendRequest, PeerRequest, PeerResponse, PeerRpc, WireEntry, PEER_ALPN,
+    self, AppendRequest, PeerRequest, PeerResponse, PeerRpc, WireEntry, CONTROLLER_GROUP, PEER_ALPN,
 };
 use arrowbus_wire::{BatchHeader, ErrorCode, BATCH_HEADER_BYTES};
 use bytes::{Bytes, BytesMut};
@@ -191,6 +191,44 @@ impl PeerPool {
                 }
                 Err(timed_out())
             }
+        }
+    }
+
+    /// Propose a controller command at node `addr` (which must lead the
+    /// controller group): its reply bytes, or the leader it names instead.
+    pub async fn propose_controller(
+        &self,
+        addr: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Result<Vec<u8>, Option<NodeId>>, PeerError> {
+        let req = PeerRequest {
+            from: self.me,
+            group: CONTROLLER_GROUP,
+            rpc: PeerRpc::Propose,
+        };
+        match self.call(addr, &req, payload, timeout).await? {
+            (PeerResponse::Proposed { reply }, _) => Ok(Ok(reply)),
+            (PeerResponse::NotLeader { leader }, _) => Ok(Err(leader)),
+            (PeerResponse::Error { code, message }, _) => Err(PeerError(format!(
+                "{addr} refused the proposal ({code}): {message}"
+            ))),
+            (other, _) => Err(PeerError(format!(
+                "{addr} answered a proposal with {other:?}"
+            ))),
+        }
+    }
+
+    /// Tell the node at `addr` that it was removed from the cluster.
+    pub async fn notify_removed(&self, addr: &str, timeout: Duration) -> Result<(), PeerError> {
+        let req = PeerRequest {
+            from: self.me,
+            group: CONTROLLER_GROUP,
+            rpc: PeerRpc::Removed,
+        };
+        match self.call(addr, &req, Bytes::new(), timeout).await? {
+            (PeerResponse::Acknowledged, _) => Ok(()),
+            (other, _) => Err(PeerError(format!("{addr} answered Removed with {other:?}"))),
         }
     }
 
@@ -733,6 +771,21 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
                         Err(e) => refused(e.to_string()),
                     }
                 }
+                PeerRpc::Removed => refused("Removed is a node message, not a group's".into()),
+                PeerRpc::Propose => {
+                    let cmd = crate::types::Command::controller(&body);
+                    match self.client_write(cmd).await {
+                        Ok(r) => PeerResponse::Proposed {
+                            reply: r.data.reply.to_vec(),
+                        },
+                        Err(openraft::errors::RaftError::APIError(
+                            openraft::errors::ClientWriteError::ForwardToLeader(f),
+                        )) => PeerResponse::NotLeader {
+                            leader: f.leader_id,
+                        },
+                        Err(e) => refused(e.to_string()),
+                    }
+                }
                 PeerRpc::TransferLeader(t) => {
                     let req = TransferLeaderRequest::new(
                         from_wire_vote(&t.from_leader),
@@ -754,9 +807,17 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
 #[derive(Default)]
 pub struct GroupRegistry {
     groups: RwLock<HashMap<u64, Arc<dyn GroupRpc>>>,
+    /// Set (to the sender's id) when a peer says this node was removed
+    /// from the cluster.
+    removed: tokio::sync::watch::Sender<Option<NodeId>>,
 }
 
 impl GroupRegistry {
+    /// Changes to `Some(by)` when this node is told it left the cluster.
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
+        self.removed.subscribe()
+    }
+
     pub fn insert(&self, group: u64, g: Arc<dyn GroupRpc>) {
         self.groups
             .write()
@@ -788,6 +849,24 @@ pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupR
         let registry = registry.clone();
         tokio::spawn(async move {
             let resp = match read_frame::<PeerRequest>(&mut recv).await {
+                Ok(Some((req, _))) if req.rpc == PeerRpc::Removed => {
+                    tracing::warn!(by = req.from, "this node was removed from the cluster");
+                    registry.removed.send_replace(Some(req.from));
+                    PeerResponse::Acknowledged
+                }
+                Ok(Some((req, _)))
+                    if req.rpc == PeerRpc::Propose && req.group != CONTROLLER_GROUP =>
+                {
+                    // Data batches go through the client protocol, which
+                    // validates them; peers only forward metadata changes.
+                    PeerResponse::Error {
+                        code: ErrorCode::InvalidArgument as u16,
+                        message: format!(
+                            "group {}: only the controller takes forwarded proposals",
+                            req.group
+                        ),
+                    }
+                }
                 Ok(Some((req, body))) => match registry.get(req.group) {
                     Some(g) => g.handle(req.rpc, body).await,
                     None => PeerResponse::Error {

@@ -61,6 +61,8 @@ impl Node {
 pub struct Cluster {
     root: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// Appended to every node's config (see [`Cluster::start_with`]).
+    extra_toml: String,
 }
 
 impl Cluster {
@@ -112,19 +114,8 @@ impl Cluster {
         for (i, place) in places.iter().enumerate() {
             let dir = root.path().join(format!("node-{}", i + 1));
             std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("mkdir: {e}"));
-            let config = format!(
-                "node_id = {id}\ndata_dir = {data:?}\nlisten = \"{listen}\"\n\n\
-                 [tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\n\
-                 [cluster]\npeers = [{peers}]\n\n{extra_toml}",
-                id = i + 1,
-                listen = std::net::SocketAddr::new(place.ip, place.port),
-                data = dir.join("data").display().to_string(),
-                cert = tls_dir.join("node.pem").display().to_string(),
-                key = tls_dir.join("node.key").display().to_string(),
-                ca = tls_dir.join("ca.pem").display().to_string(),
-                peers = peers.join(", "),
-            );
-            std::fs::write(dir.join("busd.toml"), config).unwrap_or_else(|e| panic!("config: {e}"));
+            let cluster_toml = format!("peers = [{}]", peers.join(", "));
+            write_config(&dir, i + 1, place, &tls_dir, &cluster_toml, extra_toml);
             nodes.push(Node {
                 id: (i + 1) as u64,
                 port: place.port,
@@ -134,13 +125,57 @@ impl Cluster {
                 child: None,
             });
         }
-        let mut c = Cluster { root, nodes };
+        let mut c = Cluster {
+            root,
+            nodes,
+            extra_toml: extra_toml.to_owned(),
+        };
         for i in 0..n {
             c.spawn(i);
         }
         for i in 0..n {
             c.wait_listening(i, 0);
         }
+        c
+    }
+
+    /// Start node `nodes.len() + 1` on loopback with `cluster.join = true`:
+    /// empty, waiting for `busctl cluster add-node`. Returns its id.
+    pub fn start_joining_node(&mut self) -> u64 {
+        let id = self.nodes.len() + 1;
+        let place = Placement {
+            ip: Ipv4Addr::LOCALHOST.into(),
+            port: free_port(),
+            netns: None,
+        };
+        let dir = self.root.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        let tls_dir = self.root.path().join("tls");
+        write_config(&dir, id, &place, &tls_dir, "join = true", &self.extra_toml);
+        self.nodes.push(Node {
+            id: id as u64,
+            port: place.port,
+            ip: place.ip,
+            netns: None,
+            dir,
+            child: None,
+        });
+        self.spawn(id - 1);
+        self.wait_listening(id - 1, 0);
+        id as u64
+    }
+
+    /// A `busctl` command aimed at every node of the cluster.
+    pub fn busctl(&self) -> Command {
+        let mut c = Command::new(crate::busctl_path());
+        let brokers: Vec<String> = self.nodes.iter().map(|n| n.addr()).collect();
+        c.arg("--broker")
+            .arg(brokers.join(","))
+            .arg("--ca")
+            .arg(self.ca());
+        // Keep the user's real profile out of tests.
+        c.env("ARROWBUS_CONFIG_DIR", self.root.path().join("no-profile"));
+        c.env_remove("ARROWBUS_BROKER").env_remove("ARROWBUS_CA");
         c
     }
 
@@ -254,7 +289,6 @@ impl Cluster {
         self.wait_listening(i, before);
     }
 
-    /// The nodes' logs, for failure messages.
     /// Wait (up to 60 s) until every node's replica of `topic`/`partition`
     /// has applied the same last entry and names the same leader; returns
     /// that leader. `what` says in the failure message when this was.
@@ -265,11 +299,25 @@ impl Cluster {
         partition: u32,
         what: &str,
     ) -> u64 {
+        let all: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        self.await_converged_on(client, topic, partition, &all, what)
+            .await
+    }
+
+    /// [`Cluster::await_converged`] over the replicas on nodes `ids`.
+    pub async fn await_converged_on(
+        &self,
+        client: &arrowbus::Client,
+        topic: &str,
+        partition: u32,
+        ids: &[u64],
+        what: &str,
+    ) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             // (leader, last log index, applied index) per node.
             let mut seen = Vec::new();
-            for n in &self.nodes {
+            for n in self.nodes.iter().filter(|n| ids.contains(&n.id)) {
                 if let Ok(s) = client.admin().node_status(n.id).await {
                     if let Some(g) = s
                         .partitions
@@ -280,7 +328,7 @@ impl Cluster {
                     }
                 }
             }
-            let converged = seen.len() == self.nodes.len()
+            let converged = seen.len() == ids.len()
                 && seen
                     .iter()
                     .all(|s| s.0 != 0 && s.0 == seen[0].0 && s.1 == s.2 && s.1 == seen[0].1);
@@ -297,6 +345,7 @@ impl Cluster {
         }
     }
 
+    /// The nodes' logs, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
@@ -312,6 +361,29 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Write node `id`'s `busd.toml` in `dir`: `cluster_toml` goes in its
+/// `[cluster]` table, `extra_toml` after it.
+fn write_config(
+    dir: &Path,
+    id: usize,
+    place: &Placement,
+    tls_dir: &Path,
+    cluster_toml: &str,
+    extra_toml: &str,
+) {
+    let config = format!(
+        "node_id = {id}\ndata_dir = {data:?}\nlisten = \"{listen}\"\n\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\n\
+         [cluster]\n{cluster_toml}\n\n{extra_toml}",
+        listen = std::net::SocketAddr::new(place.ip, place.port),
+        data = dir.join("data").display().to_string(),
+        cert = tls_dir.join("node.pem").display().to_string(),
+        key = tls_dir.join("node.key").display().to_string(),
+        ca = tls_dir.join("ca.pem").display().to_string(),
+    );
+    std::fs::write(dir.join("busd.toml"), config).unwrap_or_else(|e| panic!("config: {e}"));
 }
 
 impl Drop for Cluster {

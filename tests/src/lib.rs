@@ -5,6 +5,7 @@
 //! and busctl, in the same profile as the tests), so `cargo test` alone is
 //! enough.
 
+pub mod acked;
 pub mod cluster;
 pub mod netns;
 

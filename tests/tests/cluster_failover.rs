@@ -1,49 +1,15 @@
 //! Replication under process faults, with real `busd` processes: a
 //! three-node cluster, one partition replicated on all three.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use arrowbus::{NewTopic, StartAt, SubscribeOptions};
+use arrowbus::NewTopic;
+use arrowbus_tests::acked::{
+    await_acks, check_acked_present, drain_acks, spawn_producer, Acked, ROWS_PER_BATCH,
+};
 use arrowbus_tests::cluster::{data_records, partition_dir, Cluster};
-use arrowbus_tests::{read_all, seed, seqs, ticks};
+use arrowbus_tests::{seed, seqs, ticks};
 use tokio::sync::mpsc;
-
-const ROWS_PER_BATCH: usize = 50;
-
-/// Acks: base offset -> the seq values of the batch acknowledged there.
-type Acked = BTreeMap<u64, Vec<i64>>;
-
-/// Publish to partition 0 until `stop` closes; every ack is reported.
-fn spawn_producer(
-    client: arrowbus::Client,
-    topic: &'static str,
-    mut stop: mpsc::Receiver<()>,
-    acks: mpsc::UnboundedSender<(u64, Vec<i64>)>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
-        let producer = client.producer();
-        let mut next = 0i64;
-        let mut errors = Vec::new();
-        loop {
-            if stop.try_recv().is_ok() {
-                return errors;
-            }
-            let batch = ticks(next, ROWS_PER_BATCH);
-            let sent = seqs(&batch);
-            next += ROWS_PER_BATCH as i64;
-            match producer.publish_to(topic, 0, &batch).await {
-                Ok(ack) => {
-                    assert_eq!(ack.rows as usize, ROWS_PER_BATCH, "ack row count");
-                    let _ = acks.send((ack.base_offset, sent));
-                }
-                // Retries ran out (no leader for the whole delivery
-                // timeout): reported, and the batch does not count as acked.
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-    })
-}
 
 async fn leader_of(client: &arrowbus::Client, topic: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -59,60 +25,6 @@ async fn leader_of(client: &arrowbus::Client, topic: &str) -> u64 {
             "partition 0 of {topic} has no leader after 20 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Wait until at least `n` more acks arrive (publishing resumed by itself).
-async fn await_acks(
-    rx: &mut mpsc::UnboundedReceiver<(u64, Vec<i64>)>,
-    acked: &mut Acked,
-    n: usize,
-    what: &str,
-    cluster: &Cluster,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = 0;
-    while got < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, rx.recv()).await {
-            Ok(Some((off, s))) => {
-                if let Some(prev) = acked.insert(off, s) {
-                    panic!("two acks for offset {off} (first: {} rows)", prev.len());
-                }
-                got += 1;
-            }
-            _ => panic!(
-                "{what}: only {got} of {n} acks within 30 s\n{}",
-                cluster.logs()
-            ),
-        }
-    }
-}
-
-/// Every acknowledged batch is at the offsets its ack named, read back from
-/// the current leader.
-async fn check_acked_present(client: &arrowbus::Client, topic: &str, acked: &Acked) {
-    let opts = SubscribeOptions::default()
-        .from(StartAt::Earliest)
-        .partitions(vec![0]);
-    let mut by_offset: BTreeMap<u64, i64> = BTreeMap::new();
-    for d in read_all(client, topic, opts).await {
-        for (i, s) in seqs(&d.batch).into_iter().enumerate() {
-            by_offset.insert(d.offset + i as u64, s);
-        }
-    }
-    for (off, sent) in acked {
-        let got: Vec<i64> = (0..sent.len() as u64)
-            .map(|i| {
-                *by_offset
-                    .get(&(off + i))
-                    .unwrap_or_else(|| panic!("acked offset {} is missing", off + i))
-            })
-            .collect();
-        assert_eq!(
-            &got, sent,
-            "rows at acked offset {off} are not the acknowledged batch"
-        );
     }
 }
 
@@ -136,7 +48,7 @@ fn check_replicas_identical(cluster: &Cluster, topic_dir_prefix: &str, acked: &A
         assert_eq!(l, first, "node {id}'s log differs from node {first_id}'s");
     }
     let offsets: std::collections::BTreeSet<u64> = first.iter().map(|r| r.0).collect();
-    for off in acked.keys() {
+    for (_, off) in acked.keys() {
         assert!(
             offsets.contains(off),
             "acked batch at offset {off} is not in the replicas' logs"
@@ -157,9 +69,12 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
 
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-    let producer = spawn_producer(cluster.client().await, "ticks", stop_rx, ack_tx);
+    let producer = spawn_producer(cluster.client().await, "ticks", 1, stop_rx, ack_tx);
     let mut acked = Acked::new();
-    await_acks(&mut ack_rx, &mut acked, 20, "before any fault", &cluster).await;
+    await_acks(&mut ack_rx, &mut acked, 20, "before any fault", || {
+        cluster.logs()
+    })
+    .await;
 
     // Kill the partition's leader (varying how long it stays down), three
     // times; publishing must resume by itself each time.
@@ -172,7 +87,7 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
             &mut acked,
             20,
             &format!("after killing leader {leader}"),
-            &cluster,
+            || cluster.logs(),
         )
         .await;
         tokio::time::sleep(Duration::from_millis(
@@ -185,7 +100,7 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
             &mut acked,
             10,
             &format!("after restarting node {leader}"),
-            &cluster,
+            || cluster.logs(),
         )
         .await;
     }
@@ -193,9 +108,7 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
     let errors = producer
         .await
         .unwrap_or_else(|e| panic!("producer task: {e}"));
-    while let Ok((off, s)) = ack_rx.try_recv() {
-        acked.insert(off, s);
-    }
+    drain_acks(&mut ack_rx, &mut acked);
     assert!(
         errors.is_empty(),
         "publishes failed after retries: {errors:?}"
@@ -234,7 +147,7 @@ async fn whole_cluster_kill9_and_restart_keeps_acked_batches() {
             .publish_to("ticks", 0, &batch)
             .await
             .unwrap_or_else(|e| panic!("publish: {e}"));
-        acked.insert(ack.base_offset, seqs(&batch));
+        acked.insert((0, ack.base_offset), seqs(&batch));
     }
     client.close().await;
     for id in 1..=3 {
@@ -245,7 +158,7 @@ async fn whole_cluster_kill9_and_restart_keeps_acked_batches() {
     }
     let client = cluster.client().await;
     check_acked_present(&client, "ticks", &acked).await;
-    let offsets: Vec<u64> = acked.keys().copied().collect();
+    let offsets: Vec<u64> = acked.keys().map(|(_, o)| *o).collect();
     let expected: Vec<u64> = (0..40).map(|i| i * ROWS_PER_BATCH as u64).collect();
     assert_eq!(
         offsets, expected,

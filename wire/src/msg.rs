@@ -29,6 +29,20 @@ pub enum ClientMessage {
     /// This node's view of the cluster: its Raft groups, roles, terms,
     /// commit and applied indexes and follower lag (`busctl cluster`).
     ClusterStatus,
+    /// Add a running node (started with `cluster.join = true`) to the
+    /// cluster and move a fair share of partition replicas to it. Answered
+    /// by `NodeChange` once the node is a controller voter; the moves go on
+    /// in the background (`moving_to` in `DescribeTopic`).
+    AddNode {
+        id: u64,
+        addr: String,
+    },
+    /// Move every replica off a node, then remove it from the cluster.
+    /// Answered by `NodeChange` within a few seconds; `removed: false` means
+    /// replicas are still moving: send it again to keep waiting.
+    RemoveNode {
+        id: u64,
+    },
     /// Fix the topic's schema if it has none; answered with the topic's schema
     /// (the given one, or the one already there). Races between two first
     /// publishers are settled here, by whoever reaches the broker first.
@@ -109,6 +123,7 @@ pub enum ServerMessage {
     },
     Metadata(ClusterMetadata),
     Cluster(NodeStatus),
+    NodeChange(NodeChange),
     Schema {
         schema_id: u32,
         schema_ipc: Vec<u8>,
@@ -167,6 +182,9 @@ pub struct PartitionInfo {
     pub partition: u32,
     pub leader: u64,
     pub replicas: Vec<u64>,
+    /// While the partition moves to a new replica set (a node added or
+    /// being removed): that set; empty otherwise.
+    pub moving_to: Vec<u64>,
     /// Replicas holding everything committed (known on the leader only).
     pub in_sync: Vec<u64>,
     /// First retained offset.
@@ -182,6 +200,26 @@ pub struct PartitionInfo {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ClusterMetadata {
     pub nodes: Vec<NodeInfo>,
+}
+
+/// The answer to `AddNode` / `RemoveNode`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeChange {
+    /// Partition moves the request started.
+    pub moves: Vec<PartitionMove>,
+    /// Partitions still moving (all of them for `AddNode`; those still on
+    /// the node for `RemoveNode`).
+    pub moving: u64,
+    /// `RemoveNode`: the node has left the cluster.
+    pub removed: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMove {
+    pub topic: String,
+    pub partition: u32,
+    pub from: Vec<u64>,
+    pub to: Vec<u64>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -117,6 +117,16 @@ pub enum PeerRpc {
     PreVote(VoteRequest),
     Snapshot(SnapshotRequest),
     TransferLeader(TransferLeaderRequest),
+    /// Propose a controller command (the frame body: its encoding) on the
+    /// receiver, which must lead the controller group. Nodes use it to
+    /// record what they did (e.g. a finished partition move) wherever the
+    /// controller leader is. Refused for every other group.
+    Propose,
+    /// The receiver was removed from the cluster (the controller committed
+    /// a membership without it). It no longer hears from the controller, so
+    /// without this it would keep serving stale metadata; it shuts down.
+    /// The group field is ignored.
+    Removed,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -135,6 +145,16 @@ pub enum PeerResponse {
     Snapshot(WireVote),
     /// The receiver accepted the leadership hand-over.
     TransferLeaderDone,
+    /// The proposal was committed and applied; the state machine's reply.
+    Proposed {
+        reply: Vec<u8>,
+    },
+    /// The receiver took note (of `Removed`).
+    Acknowledged,
+    /// The receiver does not lead the group; `leader` does, if known.
+    NotLeader {
+        leader: Option<u64>,
+    },
     /// The RPC was not handled: unknown group (not created here yet, or
     /// removed), the node is shutting down, or the request was malformed.
     /// `code` is an [`crate::ErrorCode`].

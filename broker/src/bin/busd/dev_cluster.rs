@@ -93,7 +93,7 @@ fn start(
             &tls_files.cert,
             &tls_files.key,
             &ca,
-            &peers,
+            Some(&peers),
             fsync,
         )?;
         let path = dir.join("busd.toml");
@@ -124,6 +124,72 @@ fn start(
     Ok(code)
 }
 
+/// `busd dev --join ID`: one more node for a running `busd dev --nodes N`
+/// cluster in the same data directory, on port `listen + ID - 1`, started
+/// empty with `cluster.join = true`; `busctl cluster add-node` then adds it.
+pub fn join(data_dir: &Path, listen: SocketAddr, id: u16, fsync: &str) -> ExitCode {
+    match start_joining(data_dir, listen, id, fsync) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("busd dev --join: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start_joining(
+    data_dir: &Path,
+    listen: SocketAddr,
+    id: u16,
+    fsync: &str,
+) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    if !matches!(fsync, "always" | "interval") {
+        anyhow::bail!("--fsync {fsync:?}: expected always or interval");
+    }
+    let tls_dir = data_dir.join("tls");
+    let (cert, key, ca) = (
+        tls_dir.join("node.pem"),
+        tls_dir.join("node.key"),
+        tls_dir.join("ca.pem"),
+    );
+    if !ca.exists() || !cert.exists() {
+        anyhow::bail!(
+            "no dev cluster certificates in {}: start the cluster first with `busd dev --nodes N --data-dir {}`",
+            tls_dir.display(),
+            data_dir.display()
+        );
+    }
+    let port = u32::from(listen.port()) + u32::from(id) - 1;
+    let port = u16::try_from(port).context("--listen port plus the node id exceeds 65535")?;
+    let addr = SocketAddr::new(listen.ip(), port);
+    let advertised = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], port)).to_string()
+    } else {
+        addr.to_string()
+    };
+    let dir = data_dir.join(format!("node-{id}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = node_config(id, &dir, addr, &advertised, &cert, &key, &ca, None, fsync)?;
+    let path = dir.join("busd.toml");
+    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    let exe = std::env::current_exe().context("locating the busd executable")?;
+    let child = Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .spawn()
+        .with_context(|| format!("starting node {id}"))?;
+    eprintln!(
+        "arrowbus dev node {id} on {advertised} (data in {}), waiting to join.
+Add it: busctl cluster add-node {id} {advertised}
+Stop with Ctrl-C.",
+        dir.display()
+    );
+    let mut children = vec![(id, child)];
+    Ok(supervise(&mut children))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn node_config(
     id: u16,
@@ -133,7 +199,7 @@ fn node_config(
     cert: &Path,
     key: &Path,
     ca: &Path,
-    peers: &[toml::Value],
+    peers: Option<&[toml::Value]>,
     fsync: &str,
 ) -> anyhow::Result<String> {
     let path = |p: &Path| toml::Value::String(p.display().to_string());
@@ -142,7 +208,15 @@ fn node_config(
     tls_t.insert("key".into(), path(key));
     tls_t.insert("ca".into(), path(ca));
     let mut cluster = toml::Table::new();
-    cluster.insert("peers".into(), toml::Value::Array(peers.to_vec()));
+    match peers {
+        Some(peers) => {
+            cluster.insert("peers".into(), toml::Value::Array(peers.to_vec()));
+        }
+        // No peers: the node joins a running cluster (`busctl cluster add-node`).
+        None => {
+            cluster.insert("join".into(), toml::Value::Boolean(true));
+        }
+    }
     let mut log = toml::Table::new();
     log.insert("fsync".into(), toml::Value::String(fsync.into()));
     let mut t = toml::Table::new();

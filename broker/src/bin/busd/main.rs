@@ -55,6 +55,11 @@ enum Cmd {
         /// DATA_DIR/node-i. Ctrl-C stops them all.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
+        /// Start one more node, with this id, for a running `busd dev
+        /// --nodes N` in the same data directory: it listens on the port of
+        /// --listen plus ID-1 and waits for `busctl cluster add-node`.
+        #[arg(long, value_name = "ID", conflicts_with = "nodes", value_parser = clap::value_parser!(u16).range(2..=99))]
+        join: Option<u16>,
     },
     /// Run a node from a TOML config file (see broker/busd.example.toml).
     Run {
@@ -81,10 +86,14 @@ fn main() -> ExitCode {
             fsync,
             profile,
             nodes,
+            join,
         } => {
             let data_dir = data_dir
                 .or_else(|| std::env::var_os("ARROWBUS_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| profile::home().join(".local/share/arrowbus/dev"));
+            if let Some(id) = join {
+                return dev_cluster::join(&data_dir, listen, id, &fsync);
+            }
             if nodes > 1 {
                 let profile = profile.unwrap_or_else(profile::default_profile_path);
                 return dev_cluster::run(&data_dir, listen, nodes, &fsync, &profile);
@@ -219,7 +228,8 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
         registry: Arc::default(),
         timing: config.raft_timing(),
     };
-    let topics = Topics::open(&config.data_dir, env, config.log_config(), &peers)
+    let creates = config.creates_cluster().then_some(&peers);
+    let topics = Topics::open(&config.data_dir, env, config.log_config(), creates)
         .await
         .map_err(|e| Failure::Storage(e.into()))?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), node_id = config.node_id, fsync = ?config.log.fsync, "busd listening");
@@ -241,9 +251,18 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
     }
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut removed = topics.registry().removed();
     let broker = Broker::new(config, topics);
     let serving = tokio::spawn(broker.serve(endpoint, shutdown_rx));
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        // A node removed from the cluster stops: nothing is replicated to
+        // it any more, and its metadata would only grow stale.
+        by = removed.wait_for(|by| by.is_some()) => tracing::warn!(
+            "node {} removed this node from the cluster; shutting down (its data directory holds nothing the cluster needs)",
+            by.map(|b| b.unwrap_or(0)).unwrap_or(0)
+        ),
+    }
     let _ = shutdown_tx.send(true);
     serving.await.map_err(|e| Failure::Other(e.into()))?;
     Ok(())

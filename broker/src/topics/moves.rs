@@ -1,0 +1,442 @@
+//! Adding and removing nodes, and the partition moves that follow.
+//!
+//! `add_node` makes a running, empty `busd` (started with
+//! `cluster.join = true`) a controller voter and then asks the controller to
+//! move a fair share of partition replicas onto it; `remove_node` moves every
+//! replica off a node and then removes it from the controller's voters. The
+//! controller only records each move's target (see [`crate::controller`]);
+//! the partition's Raft leader carries it out here: new nodes become
+//! learners and catch up, the group's voters change to the target by joint
+//! consensus, and the leader records the finished move in the controller
+//! (forwarding it to the controller leader when that is another node).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrowbus_raft::types::NodeId;
+use arrowbus_raft::{BasicNode, ServerState};
+use arrowbus_wire::ErrorCode;
+use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver;
+use openraft::ChangeMembers;
+
+use super::{refused, Partition, Topics};
+use crate::controller::{ControllerCommand, ControllerReply, Move};
+use crate::error::BrokerError;
+
+/// How often a leader looks for moves to drive, besides controller changes.
+const MOVE_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// A move that failed (target node down, leadership lost) is retried after
+/// this long, not at every check.
+const MOVE_RETRY_AFTER: Duration = Duration::from_secs(3);
+/// How long a new replica gets to catch up before the attempt is retried.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node being added gets to receive the controller's log (below
+/// a client's request timeout, so the caller hears why).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one `remove_node` call waits for the node's replicas to move
+/// away before answering with the count left; the caller asks again.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How long the removed node gets to take note of its removal.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of one forwarded controller proposal.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The moves this node is driving (by partition group), and when failed
+/// ones may be retried.
+#[derive(Default)]
+pub(super) struct Running {
+    active: Mutex<HashSet<u64>>,
+    retry_at: Mutex<HashMap<u64, Instant>>,
+}
+
+/// What `add_node` / `remove_node` did.
+#[derive(Debug, Clone)]
+pub struct NodeChange {
+    /// Partition moves this call started (they complete in the background).
+    pub moves: Vec<Move>,
+    /// Partitions still moving in the cluster.
+    pub moving: usize,
+    /// `remove_node`: whether the node has left the controller (it holds no
+    /// replica any more); until then, call again to keep waiting.
+    pub removed: bool,
+}
+
+impl Topics {
+    /// Drive the moves of partitions this node leads, at every controller
+    /// change and every [`MOVE_CHECK_EVERY`].
+    pub(super) async fn move_loop(self: Arc<Self>) {
+        let mut pos = self.controller.sm.position();
+        let mut tick = tokio::time::interval(MOVE_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = pos.changed() => if changed.is_err() { return },
+            }
+            self.start_moves();
+        }
+    }
+
+    fn start_moves(self: &Arc<Self>) {
+        for topic in self.list() {
+            for (&p, target) in &topic.meta.moving {
+                let Some(Some(part)) = topic.local.get(p as usize) else {
+                    continue;
+                };
+                if part.group.raft.metrics().borrow_watched().state != ServerState::Leader {
+                    continue;
+                }
+                let gid = part.group.id;
+                if self
+                    .moves
+                    .retry_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&gid)
+                    .is_some_and(|at| Instant::now() < *at)
+                {
+                    continue;
+                }
+                if !self
+                    .moves
+                    .active
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(gid)
+                {
+                    continue;
+                }
+                let this = self.clone();
+                let part = part.clone();
+                let target = target.clone();
+                let topic_id = topic.meta.id;
+                tokio::spawn(async move {
+                    let r = this.move_partition(&part, topic_id, &target).await;
+                    let mut retry = this
+                        .moves
+                        .retry_at
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    match r {
+                        Ok(()) => {
+                            retry.remove(&gid);
+                            tracing::info!(topic = %part.topic, partition = part.id, replicas = ?target,
+                                "partition move complete");
+                        }
+                        Err(e) => {
+                            retry.insert(gid, Instant::now() + MOVE_RETRY_AFTER);
+                            tracing::warn!(topic = %part.topic, partition = part.id, ?target, error = %e,
+                                "partition move did not finish; retrying in {MOVE_RETRY_AFTER:?}");
+                        }
+                    }
+                    drop(retry);
+                    this.moves
+                        .active
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&gid);
+                });
+            }
+        }
+    }
+
+    /// Make the group's voters `target`, then record the move as complete.
+    /// Idempotent: a new leader resumes a move its predecessor left in joint
+    /// consensus, or only records it if the voters already match.
+    async fn move_partition(
+        &self,
+        part: &Partition,
+        topic_id: u32,
+        target: &[NodeId],
+    ) -> Result<(), BrokerError> {
+        let raft = &part.group.raft;
+        let membership = raft.metrics().borrow_watched().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
+        let joint = membership.get_joint_config().len() > 1;
+        if voters != wanted || joint {
+            tracing::info!(topic = %part.topic, partition = part.id, from = ?voters, to = ?wanted,
+                "moving partition");
+            let known: HashSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+            let addrs = self.node_addrs();
+            for n in wanted.iter().filter(|n| !known.contains(n)) {
+                let addr = addrs.get(n).cloned().ok_or_else(|| {
+                    BrokerError::internal(format!("node {n} has no address in the controller"))
+                })?;
+                // Blocking: returns once the new replica has caught up, so
+                // the voter change below does not stall on it.
+                tokio::time::timeout(
+                    CATCH_UP_TIMEOUT,
+                    raft.add_learner(*n, BasicNode { addr }, true),
+                )
+                .await
+                .map_err(|_| {
+                    BrokerError::new(
+                        ErrorCode::Timeout,
+                        format!("node {n} did not catch up within {CATCH_UP_TIMEOUT:?}"),
+                    )
+                })?
+                .map_err(|e| BrokerError::internal(format!("adding node {n} as learner: {e}")))?;
+            }
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
+                .await
+                .map_err(|e| {
+                    BrokerError::internal(format!("changing voters to {wanted:?}: {e}"))
+                })?;
+        }
+        self.propose_anywhere(ControllerCommand::CompleteMove {
+            topic_id,
+            partition: part.id,
+            replicas: target.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Propose at the controller leader, wherever it is: here, or forwarded
+    /// over the peer protocol.
+    pub(super) async fn propose_anywhere(
+        &self,
+        cmd: ControllerCommand,
+    ) -> Result<ControllerReply, BrokerError> {
+        let payload = serde_json::to_vec(&cmd).map_err(|e| BrokerError::internal(e.to_string()))?;
+        let mut leader = self
+            .controller
+            .raft
+            .metrics()
+            .borrow_watched()
+            .current_leader;
+        // A leader hint may be one election stale; follow it a few times.
+        for _ in 0..3 {
+            let Some(l) = leader else { break };
+            if l == self.node_id {
+                return self.propose(cmd).await;
+            }
+            let addr = self.node_addrs().get(&l).cloned().ok_or_else(|| {
+                BrokerError::internal(format!("controller leader {l} has no address"))
+            })?;
+            match self
+                .env
+                .pool
+                .propose_controller(&addr, Bytes::from(payload.clone()), FORWARD_TIMEOUT)
+                .await
+            {
+                Ok(Ok(reply)) => {
+                    return serde_json::from_slice(&reply).map_err(|e| {
+                        BrokerError::internal(format!("controller reply does not decode: {e}"))
+                    })
+                }
+                Ok(Err(hint)) => leader = hint,
+                Err(e) => return Err(BrokerError::new(ErrorCode::Timeout, e.0)),
+            }
+        }
+        Err(BrokerError::new(
+            ErrorCode::NotLeader,
+            "the controller has no leader right now (is a majority of nodes up?)",
+        ))
+    }
+
+    /// Add node `id` at `addr` (a running `busd` with `cluster.join = true`)
+    /// to the cluster: controller voter first, then a fair share of
+    /// partition replicas moves to it. Must run on the controller leader.
+    /// Idempotent: adding a node that is already a voter only rebalances.
+    pub async fn add_node(&self, id: NodeId, addr: &str) -> Result<NodeChange, BrokerError> {
+        if id == 0 {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidArgument,
+                "node ids start at 1",
+            ));
+        }
+        crate::config::check_host_port(addr)
+            .map_err(|why| BrokerError::new(ErrorCode::InvalidArgument, why))?;
+        self.ensure_controller_leader()?;
+        let membership = self
+            .controller
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        if let Some((_, n)) = membership.nodes().find(|(n, _)| **n == id) {
+            if n.addr != addr {
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "node {id} is already in the cluster at {}; remove it first to move it to {addr}",
+                        n.addr
+                    ),
+                ));
+            }
+        }
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(n, a)| **n != id && a.addr == addr)
+        {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidArgument,
+                format!("{addr} is node {other}'s address"),
+            ));
+        }
+        if !membership.voter_ids().any(|v| v == id) {
+            let raft = &self.controller.raft;
+            tokio::time::timeout(
+                JOIN_TIMEOUT,
+                raft.add_learner(id, BasicNode { addr: addr.to_owned() }, true),
+            )
+            .await
+            .map_err(|_| {
+                BrokerError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "node {id} at {addr} did not answer within {JOIN_TIMEOUT:?}: start it first \
+                         (`busd run` with node_id = {id}, listen = {addr} and cluster.join = true, \
+                         and a certificate signed by this cluster's CA)"
+                    ),
+                )
+            })?
+            .map_err(|e| BrokerError::internal(format!("adding node {id} as learner: {e}")))?;
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| BrokerError::internal(format!("making node {id} a voter: {e}")))?;
+            tracing::info!(node = id, %addr, "node added to the controller");
+        }
+        let nodes: Vec<NodeId> = self
+            .controller
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .collect();
+        match self
+            .propose(ControllerCommand::AddNode { id, nodes })
+            .await?
+        {
+            ControllerReply::Moves(moves) => Ok(NodeChange {
+                moving: self.controller.sm.with_applier(|a| a.moving_count()),
+                moves,
+                removed: false,
+            }),
+            ControllerReply::Refused { code, message } => Err(refused(code, message)),
+            other => Err(BrokerError::internal(format!(
+                "controller answered AddNode with {other:?}"
+            ))),
+        }
+    }
+
+    /// Move every partition replica off node `id`, then remove it from the
+    /// controller's voters. Must run on the controller leader. Waits up to
+    /// [`DRAIN_WAIT`] for the moves; while they last it answers with
+    /// `removed: false`, and calling again keeps waiting (idempotent).
+    pub async fn remove_node(&self, id: NodeId) -> Result<NodeChange, BrokerError> {
+        self.ensure_controller_leader()?;
+        let voters: Vec<NodeId> = self
+            .controller
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .collect();
+        if !voters.contains(&id) {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidArgument,
+                format!("node {id} is not in this cluster (nodes: {voters:?})"),
+            ));
+        }
+        if voters.len() == 1 {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidArgument,
+                format!("node {id} is the cluster's only node"),
+            ));
+        }
+        if id == self.node_id {
+            // A controller leader that removed itself would not hear who
+            // leads next; hand leadership over and let the client ask there.
+            if let Some(to) = voters.iter().copied().find(|v| *v != id) {
+                let raft = &self.controller.raft;
+                let _ = raft.trigger().transfer_leader(to).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    super::wait_metrics(raft, |m| m.state != ServerState::Leader),
+                )
+                .await;
+                return Err(super::not_leader(
+                    Some(to),
+                    format!("removing node {id} (it led the controller; leadership moved)"),
+                ));
+            }
+        }
+        let moves = match self
+            .propose(ControllerCommand::DrainNode {
+                id,
+                nodes: voters.clone(),
+            })
+            .await?
+        {
+            ControllerReply::Moves(moves) => moves,
+            ControllerReply::Refused { code, message } => return Err(refused(code, message)),
+            other => {
+                return Err(BrokerError::internal(format!(
+                    "controller answered DrainNode with {other:?}"
+                )))
+            }
+        };
+        let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+        let mut pos = self.controller.sm.position();
+        loop {
+            let left = self.controller.sm.with_applier(|a| a.replicas_on(id));
+            if left == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, pos.changed())
+                .await
+                .is_err()
+            {
+                return Ok(NodeChange {
+                    moves,
+                    moving: left,
+                    removed: false,
+                });
+            }
+        }
+        let membership_addr = self.node_addrs().get(&id).cloned();
+        // Its replicas are gone; now the controller itself. A leader that
+        // removes itself steps down once the change is committed.
+        self.controller
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| {
+                BrokerError::internal(format!("removing node {id} from the controller: {e}"))
+            })?;
+        tracing::info!(node = id, "node removed from the cluster");
+        // It no longer hears from the controller: tell it, so that it stops
+        // instead of serving stale metadata. Best effort (it may be down).
+        if let Some(addr) = membership_addr {
+            if let Err(e) = self.env.pool.notify_removed(&addr, NOTIFY_TIMEOUT).await {
+                tracing::warn!(node = id, error = %e, "could not tell the removed node; stop it by hand");
+            }
+        }
+        self.propose_anywhere(ControllerCommand::ForgetNode { id })
+            .await?;
+        Ok(NodeChange {
+            moves,
+            moving: 0,
+            removed: true,
+        })
+    }
+
+    fn ensure_controller_leader(&self) -> Result<(), BrokerError> {
+        let m = self.controller.raft.metrics().borrow_watched().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        Err(super::not_leader(
+            m.current_leader.filter(|l| *l != self.node_id),
+            "the cluster metadata (controller)".into(),
+        ))
+    }
+}

@@ -1,0 +1,345 @@
+//! Adding and removing nodes at runtime (`busctl cluster add-node /
+//! remove-node`), with real `busd` processes and a producer publishing
+//! throughout: partitions move to the new node and off the removed one, and
+//! every acknowledged batch stays where its ack said.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use arrowbus::NewTopic;
+use arrowbus_tests::acked::{await_acks, check_acked_present, drain_acks, spawn_producer, Acked};
+use arrowbus_tests::cluster::Cluster;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+const PARTITIONS: u32 = 4;
+
+/// Run busctl with `args`; (exit code, stdout, stderr).
+fn busctl(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
+    let out = cluster
+        .busctl()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running busctl: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("busctl JSON {stdout:?}: {e}"))
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("{v} is not an array"))
+        .iter()
+        .map(|x| x.as_u64().unwrap_or_else(|| panic!("{x} is not a node id")))
+        .collect()
+}
+
+/// Wait (up to 60 s) until no partition of `topic` is moving; returns each
+/// partition's replicas.
+async fn await_moves_done(
+    client: &arrowbus::Client,
+    topic: &str,
+    cluster: &Cluster,
+) -> Vec<Vec<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(info) = client.admin().describe_topic(topic).await {
+            if info.partitions.iter().all(|p| p.moving_to.is_empty()) {
+                return info.partitions.iter().map(|p| p.replicas.clone()).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moves of {topic} did not finish in 60 s: {:?}\n{}",
+                info.partitions
+                    .iter()
+                    .map(|p| (&p.replicas, &p.moving_to))
+                    .collect::<Vec<_>>(),
+                cluster.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
+    let mut cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            NewTopic::new("ticks")
+                .partitions(PARTITIONS)
+                .replication_factor(3),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+
+    let (stop_tx, stop_rx) = mpsc::channel(1);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let producer = spawn_producer(cluster.client().await, "ticks", PARTITIONS, stop_rx, ack_tx);
+    let mut acked = Acked::new();
+    await_acks(&mut ack_rx, &mut acked, 20, "before any change", || {
+        cluster.logs()
+    })
+    .await;
+
+    // Node 4 starts empty and joins: 12 replicas over 4 nodes, so 3 move
+    // to it, each replacing one replica of a different partition.
+    let new = cluster.start_joining_node();
+    assert_eq!(new, 4);
+    let addr = cluster.node(4).addr();
+    let (code, out, err) = busctl(
+        &cluster,
+        &["--output", "json", "cluster", "add-node", "4", &addr],
+    );
+    assert_eq!(code, 0, "add-node failed: {err}\n{}", cluster.logs());
+    let change = json(&out);
+    let moves = change["moves"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{change}"));
+    assert_eq!(moves.len(), 3, "{change}");
+    let mut moved_partitions = BTreeSet::new();
+    for m in moves {
+        let (from, to) = (ids(&m["from"]), ids(&m["to"]));
+        assert!(to.contains(&4) && !from.contains(&4), "{m}");
+        assert_eq!(from.iter().filter(|n| !to.contains(n)).count(), 1, "{m}");
+        moved_partitions.insert(m["partition"].as_u64().unwrap_or(u64::MAX));
+    }
+    assert_eq!(moved_partitions.len(), 3, "{change}");
+
+    let replicas = await_moves_done(&client, "ticks", &cluster).await;
+    assert_eq!(
+        replicas.iter().filter(|r| r.contains(&4)).count(),
+        3,
+        "{replicas:?}"
+    );
+    for r in &replicas {
+        assert_eq!(r.iter().collect::<BTreeSet<_>>().len(), 3, "{replicas:?}");
+    }
+    // Node 4 runs those three groups and has caught up with their leaders.
+    for p in 0..PARTITIONS {
+        if replicas[p as usize].contains(&4) {
+            cluster
+                .await_converged_on(&client, "ticks", p, &replicas[p as usize], "after add-node")
+                .await;
+        }
+    }
+    // Every partition's leader is known, wherever the client asks (node 1,
+    // its first broker, no longer hosts some partitions), with the leader's
+    // view of its in-sync replicas.
+    let info = client
+        .admin()
+        .describe_topic("ticks")
+        .await
+        .unwrap_or_else(|e| panic!("describe: {e}"));
+    for p in &info.partitions {
+        assert!(p.leader != 0 && p.in_sync.contains(&p.leader), "{p:?}");
+    }
+    await_acks(&mut ack_rx, &mut acked, 20, "after add-node", || {
+        cluster.logs()
+    })
+    .await;
+
+    // Node 1 leaves: it created the controller and is a replica of every
+    // partition it had, some of which it leads.
+    let (code, out, err) = busctl(
+        &cluster,
+        &["--output", "json", "cluster", "remove-node", "1"],
+    );
+    assert_eq!(code, 0, "remove-node failed: {err}\n{}", cluster.logs());
+    let change = json(&out);
+    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    let info = client
+        .admin()
+        .describe_topic("ticks")
+        .await
+        .unwrap_or_else(|e| panic!("describe: {e}"));
+    for p in &info.partitions {
+        assert!(!p.replicas.contains(&1) && p.moving_to.is_empty(), "{p:?}");
+        assert_eq!(p.replicas.len(), 3, "{p:?}");
+    }
+    // Node 1's replicas are gone from its disk.
+    let topics_dir = cluster.node(1).data_dir().join("topics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&topics_dir)
+            .map(|d| {
+                d.flatten()
+                    .flat_map(|t| std::fs::read_dir(t.path()).into_iter().flatten().flatten())
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 still holds {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Node 1 was told it left, and stopped by itself, cleanly.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster
+        .node(1)
+        .log()
+        .contains("removed this node from the cluster")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not learn it was removed\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cluster.terminate(1),
+        Some(0),
+        "node 1 did not stop cleanly\n{}",
+        cluster.node(1).log()
+    );
+    // The cluster lists the nodes it has now.
+    let (code, out, err) = busctl(&cluster, &["--output", "json", "cluster"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: BTreeSet<u64> = json(&out)["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(listed, BTreeSet::from([2, 3, 4]), "{out}");
+    await_acks(&mut ack_rx, &mut acked, 20, "after remove-node", || {
+        cluster.logs()
+    })
+    .await;
+
+    let _ = stop_tx.send(()).await;
+    let errors = producer
+        .await
+        .unwrap_or_else(|e| panic!("producer task: {e}"));
+    drain_acks(&mut ack_rx, &mut acked);
+    assert!(
+        errors.is_empty(),
+        "publishes failed after retries: {errors:?}"
+    );
+    let members = [2, 3, 4];
+    for p in 0..PARTITIONS {
+        cluster
+            .await_converged_on(&client, "ticks", p, &members, "at the end")
+            .await;
+    }
+    check_acked_present(&client, "ticks", &acked).await;
+    for p in 0..PARTITIONS {
+        assert!(
+            acked.keys().any(|(q, _)| *q == p),
+            "partition {p} never acknowledged a batch"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_that_would_lose_replicas_are_refused() {
+    let cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("full").partitions(2).replication_factor(3))
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    // Three replicas need three nodes.
+    let (code, _, err) = busctl(&cluster, &["cluster", "remove-node", "3"]);
+    assert_eq!(code, 1, "remove-node must fail: {err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("topic 'full' keeps 3 replicas"),
+        "{err}"
+    );
+    // An unknown node cannot be removed; a node cannot take another's address.
+    let (code, _, err) = busctl(&cluster, &["cluster", "remove-node", "9"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("node 9 is not in this cluster"), "{err}");
+    let taken = cluster.node(2).addr();
+    let (code, _, err) = busctl(&cluster, &["cluster", "add-node", "5", &taken]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is node 2's address"), "{err}");
+    // Nothing changed: every partition still has its three replicas, and
+    // nothing is moving.
+    let info = client
+        .admin()
+        .describe_topic("full")
+        .await
+        .unwrap_or_else(|e| panic!("describe: {e}"));
+    for p in &info.partitions {
+        let mut r = p.replicas.clone();
+        r.sort_unstable();
+        assert_eq!(r, vec![1, 2, 3], "{p:?}");
+        assert!(p.moving_to.is_empty(), "{p:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
+    let mut cluster = Cluster::start(4);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            NewTopic::new("ticks")
+                .partitions(PARTITIONS)
+                .replication_factor(3),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    let (stop_tx, stop_rx) = mpsc::channel(1);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let producer = spawn_producer(cluster.client().await, "ticks", PARTITIONS, stop_rx, ack_tx);
+    let mut acked = Acked::new();
+    await_acks(&mut ack_rx, &mut acked, 20, "before the crash", || {
+        cluster.logs()
+    })
+    .await;
+    // Node 2 crashes for good; the operator removes it.
+    cluster.kill9(2);
+    let (code, out, err) = busctl(
+        &cluster,
+        &["--output", "json", "cluster", "remove-node", "2"],
+    );
+    assert_eq!(code, 0, "remove-node failed: {err}\n{}", cluster.logs());
+    let change = json(&out);
+    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    // Node 2 held 3 of the 12 replicas; each moved to the one node of 1, 3,
+    // 4 that did not hold the partition yet.
+    let moves = change["moves"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{change}"));
+    assert_eq!(moves.len(), 3, "{change}");
+    let replicas = await_moves_done(&client, "ticks", &cluster).await;
+    for r in &replicas {
+        let set: BTreeSet<u64> = r.iter().copied().collect();
+        assert_eq!(set.len(), 3, "{replicas:?}");
+        assert!(!set.contains(&2), "{replicas:?}");
+    }
+    await_acks(&mut ack_rx, &mut acked, 20, "after removing node 2", || {
+        cluster.logs()
+    })
+    .await;
+    let _ = stop_tx.send(()).await;
+    let errors = producer
+        .await
+        .unwrap_or_else(|e| panic!("producer task: {e}"));
+    drain_acks(&mut ack_rx, &mut acked);
+    assert!(
+        errors.is_empty(),
+        "publishes failed after retries: {errors:?}"
+    );
+    for (p, r) in replicas.iter().enumerate() {
+        cluster
+            .await_converged_on(&client, "ticks", p as u32, r, "after the rebuild")
+            .await;
+    }
+    check_acked_present(&client, "ticks", &acked).await;
+}
