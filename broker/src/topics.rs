@@ -612,15 +612,24 @@ impl Topics {
         })
     }
 
-    /// Node ids and addresses, from the controller's membership.
-    pub fn node_addrs(&self) -> BTreeMap<NodeId, String> {
-        let m = self
-            .controller
+    /// The controller group's membership: the node registry.
+    fn controller_membership(&self) -> Arc<arrowbus_raft::types::StoredMembership> {
+        self.controller
             .raft
             .metrics()
             .borrow_watched()
             .membership_config
-            .clone();
+            .clone()
+    }
+
+    /// The controller's voters (every node of the cluster).
+    fn controller_voters(&self) -> Vec<NodeId> {
+        self.controller_membership().voter_ids().collect()
+    }
+
+    /// Node ids and addresses, from the controller's membership.
+    pub fn node_addrs(&self) -> BTreeMap<NodeId, String> {
+        let m = self.controller_membership();
         m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
@@ -754,16 +763,7 @@ impl Topics {
             Some(bytes) => ipc::canonical_schema(SCHEMA_ID, bytes)?.ipc.to_vec(),
             None => Vec::new(),
         };
-        let nodes: Vec<NodeId> = {
-            let m = self
-                .controller
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .clone();
-            m.voter_ids().collect()
-        };
+        let nodes = self.controller_voters();
         let cmd = ControllerCommand::CreateTopic {
             name: req.name.clone(),
             partitions: req.partitions,

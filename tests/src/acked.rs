@@ -19,10 +19,54 @@ pub type Acked = BTreeMap<(u32, u64), Vec<i64>>;
 /// One ack: partition, base offset, the batch's seq values.
 pub type Ack = (u32, u64, Vec<i64>);
 
+/// A producer publishing in the background, and the acks it got so far.
+pub struct Load {
+    stop: mpsc::Sender<()>,
+    rx: mpsc::UnboundedReceiver<Ack>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+    pub acked: Acked,
+}
+
+impl Load {
+    /// Start publishing to partitions `0..partitions` of `topic` in turn.
+    pub fn start(client: arrowbus::Client, topic: &'static str, partitions: u32) -> Self {
+        let (stop, stop_rx) = mpsc::channel(1);
+        let (ack_tx, rx) = mpsc::unbounded_channel();
+        let task = spawn_producer(client, topic, partitions, stop_rx, ack_tx);
+        Load {
+            stop,
+            rx,
+            task,
+            acked: Acked::new(),
+        }
+    }
+
+    /// Wait (up to 30 s) for `n` more acks: publishing goes on.
+    pub async fn await_acks(&mut self, n: usize, what: &str, logs: impl Fn() -> String) {
+        await_acks(&mut self.rx, &mut self.acked, n, what, logs).await
+    }
+
+    /// Stop publishing; every ack. Fails the test if a publish failed
+    /// after the client's retries.
+    pub async fn finish(mut self) -> Acked {
+        let _ = self.stop.send(()).await;
+        let errors = self
+            .task
+            .await
+            .unwrap_or_else(|e| panic!("producer task: {e}"));
+        drain_acks(&mut self.rx, &mut self.acked);
+        assert!(
+            errors.is_empty(),
+            "publishes failed after retries: {errors:?}"
+        );
+        self.acked
+    }
+}
+
 /// Publish to partitions `0..partitions` in turn until `stop` closes; every
 /// ack is reported. Returns the errors of publishes that failed after the
 /// client's retries (those batches do not count as acknowledged).
-pub fn spawn_producer(
+fn spawn_producer(
     client: arrowbus::Client,
     topic: &'static str,
     partitions: u32,
@@ -54,7 +98,7 @@ pub fn spawn_producer(
 
 /// Wait (up to 30 s) until at least `n` more acks arrive: publishing goes
 /// on. `logs` is printed on failure.
-pub async fn await_acks(
+async fn await_acks(
     rx: &mut mpsc::UnboundedReceiver<Ack>,
     acked: &mut Acked,
     n: usize,
@@ -81,7 +125,7 @@ pub async fn await_acks(
 }
 
 /// Move the acks still queued into `acked`.
-pub fn drain_acks(rx: &mut mpsc::UnboundedReceiver<Ack>, acked: &mut Acked) {
+fn drain_acks(rx: &mut mpsc::UnboundedReceiver<Ack>, acked: &mut Acked) {
     while let Ok((p, off, s)) = rx.try_recv() {
         acked.insert((p, off), s);
     }

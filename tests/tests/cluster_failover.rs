@@ -4,12 +4,9 @@
 use std::time::{Duration, Instant};
 
 use arrowbus::NewTopic;
-use arrowbus_tests::acked::{
-    await_acks, check_acked_present, drain_acks, spawn_producer, Acked, ROWS_PER_BATCH,
-};
+use arrowbus_tests::acked::{check_acked_present, Acked, Load, ROWS_PER_BATCH};
 use arrowbus_tests::cluster::{data_records, partition_dir, Cluster};
 use arrowbus_tests::{seed, seqs, ticks};
-use tokio::sync::mpsc;
 
 async fn leader_of(client: &arrowbus::Client, topic: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -67,14 +64,9 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
         .await
         .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
 
-    let (stop_tx, stop_rx) = mpsc::channel(1);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-    let producer = spawn_producer(cluster.client().await, "ticks", 1, stop_rx, ack_tx);
-    let mut acked = Acked::new();
-    await_acks(&mut ack_rx, &mut acked, 20, "before any fault", || {
-        cluster.logs()
-    })
-    .await;
+    let mut load = Load::start(cluster.client().await, "ticks", 1);
+    load.await_acks(20, "before any fault", || cluster.logs())
+        .await;
 
     // Kill the partition's leader (varying how long it stays down), three
     // times; publishing must resume by itself each time.
@@ -82,37 +74,21 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
         let leader = leader_of(&client, "ticks").await;
         eprintln!("seed {seed}: round {round}: killing leader node {leader}");
         cluster.kill9(leader);
-        await_acks(
-            &mut ack_rx,
-            &mut acked,
-            20,
-            &format!("after killing leader {leader}"),
-            || cluster.logs(),
-        )
+        load.await_acks(20, &format!("after killing leader {leader}"), || {
+            cluster.logs()
+        })
         .await;
         tokio::time::sleep(Duration::from_millis(
             100 + (seed.wrapping_add(round) % 5) * 100,
         ))
         .await;
         cluster.restart(leader);
-        await_acks(
-            &mut ack_rx,
-            &mut acked,
-            10,
-            &format!("after restarting node {leader}"),
-            || cluster.logs(),
-        )
+        load.await_acks(10, &format!("after restarting node {leader}"), || {
+            cluster.logs()
+        })
         .await;
     }
-    let _ = stop_tx.send(()).await;
-    let errors = producer
-        .await
-        .unwrap_or_else(|e| panic!("producer task: {e}"));
-    drain_acks(&mut ack_rx, &mut acked);
-    assert!(
-        errors.is_empty(),
-        "publishes failed after retries: {errors:?}"
-    );
+    let acked = load.finish().await;
 
     check_acked_present(&client, "ticks", &acked).await;
     cluster

@@ -7,10 +7,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use arrowbus::NewTopic;
-use arrowbus_tests::acked::{await_acks, check_acked_present, drain_acks, spawn_producer, Acked};
+use arrowbus_tests::acked::{check_acked_present, Load};
 use arrowbus_tests::cluster::Cluster;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 const PARTITIONS: u32 = 4;
 
@@ -67,9 +66,10 @@ async fn await_moves_done(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
-    let mut cluster = Cluster::start(3);
+/// `n` nodes, topic "ticks" with [`PARTITIONS`] partitions of 3 replicas,
+/// and a producer publishing to all of them (20 acks in).
+async fn loaded_cluster(n: usize) -> (Cluster, arrowbus::Client, Load) {
+    let cluster = Cluster::start(n);
     let client = cluster.client().await;
     client
         .admin()
@@ -80,15 +80,15 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
         )
         .await
         .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    let mut load = Load::start(cluster.client().await, "ticks", PARTITIONS);
+    load.await_acks(20, "before any change", || cluster.logs())
+        .await;
+    (cluster, client, load)
+}
 
-    let (stop_tx, stop_rx) = mpsc::channel(1);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-    let producer = spawn_producer(cluster.client().await, "ticks", PARTITIONS, stop_rx, ack_tx);
-    let mut acked = Acked::new();
-    await_acks(&mut ack_rx, &mut acked, 20, "before any change", || {
-        cluster.logs()
-    })
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
+    let (mut cluster, client, mut load) = loaded_cluster(3).await;
 
     // Node 4 starts empty and joins: 12 replicas over 4 nodes, so 3 move
     // to it, each replacing one replica of a different partition.
@@ -142,10 +142,8 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
     for p in &info.partitions {
         assert!(p.leader != 0 && p.in_sync.contains(&p.leader), "{p:?}");
     }
-    await_acks(&mut ack_rx, &mut acked, 20, "after add-node", || {
-        cluster.logs()
-    })
-    .await;
+    load.await_acks(20, "after add-node", || cluster.logs())
+        .await;
 
     // Node 1 leaves: it created the controller and is a replica of every
     // partition it had, some of which it leads.
@@ -213,20 +211,10 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
         .filter_map(|n| n["id"].as_u64())
         .collect();
     assert_eq!(listed, BTreeSet::from([2, 3, 4]), "{out}");
-    await_acks(&mut ack_rx, &mut acked, 20, "after remove-node", || {
-        cluster.logs()
-    })
-    .await;
+    load.await_acks(20, "after remove-node", || cluster.logs())
+        .await;
 
-    let _ = stop_tx.send(()).await;
-    let errors = producer
-        .await
-        .unwrap_or_else(|e| panic!("producer task: {e}"));
-    drain_acks(&mut ack_rx, &mut acked);
-    assert!(
-        errors.is_empty(),
-        "publishes failed after retries: {errors:?}"
-    );
+    let acked = load.finish().await;
     let members = [2, 3, 4];
     for p in 0..PARTITIONS {
         cluster
@@ -283,25 +271,7 @@ async fn membership_changes_that_would_lose_replicas_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
-    let mut cluster = Cluster::start(4);
-    let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            NewTopic::new("ticks")
-                .partitions(PARTITIONS)
-                .replication_factor(3),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
-    let (stop_tx, stop_rx) = mpsc::channel(1);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-    let producer = spawn_producer(cluster.client().await, "ticks", PARTITIONS, stop_rx, ack_tx);
-    let mut acked = Acked::new();
-    await_acks(&mut ack_rx, &mut acked, 20, "before the crash", || {
-        cluster.logs()
-    })
-    .await;
+    let (mut cluster, client, mut load) = loaded_cluster(4).await;
     // Node 2 crashes for good; the operator removes it.
     cluster.kill9(2);
     let (code, out, err) = busctl(
@@ -323,19 +293,9 @@ async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
         assert_eq!(set.len(), 3, "{replicas:?}");
         assert!(!set.contains(&2), "{replicas:?}");
     }
-    await_acks(&mut ack_rx, &mut acked, 20, "after removing node 2", || {
-        cluster.logs()
-    })
-    .await;
-    let _ = stop_tx.send(()).await;
-    let errors = producer
-        .await
-        .unwrap_or_else(|e| panic!("producer task: {e}"));
-    drain_acks(&mut ack_rx, &mut acked);
-    assert!(
-        errors.is_empty(),
-        "publishes failed after retries: {errors:?}"
-    );
+    load.await_acks(20, "after removing node 2", || cluster.logs())
+        .await;
+    let acked = load.finish().await;
     for (p, r) in replicas.iter().enumerate() {
         cluster
             .await_converged_on(&client, "ticks", p as u32, r, "after the rebuild")

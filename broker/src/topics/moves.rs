@@ -252,13 +252,7 @@ impl Topics {
         crate::config::check_host_port(addr)
             .map_err(|why| BrokerError::new(ErrorCode::InvalidArgument, why))?;
         self.ensure_controller_leader()?;
-        let membership = self
-            .controller
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let membership = self.controller_membership();
         if let Some((_, n)) = membership.nodes().find(|(n, _)| **n == id) {
             if n.addr != addr {
                 return Err(BrokerError::new(
@@ -302,14 +296,7 @@ impl Topics {
                 .map_err(|e| BrokerError::internal(format!("making node {id} a voter: {e}")))?;
             tracing::info!(node = id, %addr, "node added to the controller");
         }
-        let nodes: Vec<NodeId> = self
-            .controller
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .voter_ids()
-            .collect();
+        let nodes = self.controller_voters();
         match self
             .propose(ControllerCommand::AddNode { id, nodes })
             .await?
@@ -332,14 +319,7 @@ impl Topics {
     /// `removed: false`, and calling again keeps waiting (idempotent).
     pub async fn remove_node(&self, id: NodeId) -> Result<NodeChange, BrokerError> {
         self.ensure_controller_leader()?;
-        let voters: Vec<NodeId> = self
-            .controller
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .voter_ids()
-            .collect();
+        let voters = self.controller_voters();
         if !voters.contains(&id) {
             return Err(BrokerError::new(
                 ErrorCode::InvalidArgument,
