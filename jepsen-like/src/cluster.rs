@@ -301,6 +301,63 @@ impl Cluster {
         Ok(())
     }
 
+    /// Wait (up to `timeout`) for node `id` to exit on its own (a node
+    /// removed from the cluster stops by itself); its exit status.
+    pub fn reap(&mut self, id: u32, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let node = self.node_mut(id)?;
+            let Some(c) = node.child.as_mut() else {
+                bail!("node {id} is not running");
+            };
+            if let Some(status) = c.try_wait()? {
+                node.child = None;
+                node.paused = false;
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!("node {id} did not stop within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Node `id` as a brand-new node: stopped if running, its data wiped,
+    /// started with `cluster.join = true` (empty, waiting for `add-node`).
+    pub fn restart_empty_joining(&mut self, id: u32) -> Result<()> {
+        self.kill(id)?;
+        let dir = self.node_mut(id)?.spec.dir.clone();
+        let data = dir.join("data");
+        // Keep the TLS files every node shares; wipe everything else.
+        for entry in
+            std::fs::read_dir(&data).with_context(|| format!("reading {}", data.display()))?
+        {
+            let entry = entry?;
+            if entry.file_name() == "tls" {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+        }
+        let config = dir.join("busd.toml");
+        let text = std::fs::read_to_string(&config)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let mut doc: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+        if let Some(toml::Value::Table(t)) = doc.get_mut("cluster") {
+            t.remove("peers");
+            t.insert("join".into(), toml::Value::Boolean(true));
+        }
+        std::fs::write(&config, toml::to_string(&doc)?)
+            .with_context(|| format!("writing {}", config.display()))?;
+        self.spawn(id)
+    }
+
     /// Copy a node's data directory aside while the node is stopped, so
     /// the copy is one consistent state of its files.
     pub fn snapshot_data(&mut self, id: u32) -> Result<()> {

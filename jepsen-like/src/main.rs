@@ -52,7 +52,7 @@ struct RunArgs {
     /// Seconds of workload under faults (recovery and final reads come after).
     #[arg(long, default_value_t = 60)]
     time_limit: u64,
-    /// Faults: any of kill, pause, partition, rollback (rollback deliberately loses data), or none.
+    /// Faults: any of kill, pause, partition, membership (remove a node and add it back empty; needs more nodes than replicas), rollback (deliberately loses data), or none.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition")]
     nemesis: Vec<String>,
     /// Client operations per second, over all workers.
@@ -247,8 +247,15 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             continue;
         }
         nemesis.push(FaultKind::parse(n).with_context(|| {
-            format!("--nemesis {n}: expected kill, pause, partition, rollback or none")
+            format!("--nemesis {n}: expected kill, pause, partition, membership, rollback or none")
         })?);
+    }
+    let replicas = a.replicas.unwrap_or(a.nodes.min(3) as u16);
+    if nemesis.contains(&FaultKind::Membership) && u32::from(replicas) >= a.nodes {
+        bail!(
+            "--nemesis membership removes a node, which needs more nodes than replicas: --nodes {} with {replicas} replicas",
+            a.nodes
+        );
     }
     if a.nodes == 0 || a.keys == 0 || a.concurrency < 2 || a.rate <= 0.0 || a.interval <= 0.0 {
         bail!("--nodes and --keys must be at least 1, --concurrency at least 2, --rate and --interval positive");
@@ -289,7 +296,7 @@ async fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         interval: Duration::from_secs_f64(a.interval),
         final_read_timeout: Duration::from_secs(a.final_read_timeout),
         busd_env: env,
-        replicas: a.replicas.unwrap_or(a.nodes.min(3) as u16),
+        replicas,
         leaders_first: a.leaders_first || a.unsafe_ack,
     };
     println!(

@@ -187,11 +187,8 @@ pub fn fault_windows(history: &[Op]) -> Vec<Window> {
     let mut open: Option<(f64, String)> = None;
     for op in history.iter().filter(|o| o.process == Process::Nemesis) {
         let t = op.time as f64 / 1e9;
-        let starts = matches!(op.f.as_str(), "kill" | "pause" | "partition" | "snapshot");
-        let ends = matches!(
-            op.f.as_str(),
-            "restart" | "resume" | "heal" | "rollback" | "heal-all"
-        );
+        let starts = crate::schedule::FaultKind::started_by(&op.f).is_some();
+        let ends = crate::schedule::FaultKind::is_end(&op.f);
         if starts && op.kind == OpType::Invoke && open.is_none() {
             open = Some((t, op.f.clone()));
         } else if ends && op.kind != OpType::Invoke {

@@ -119,16 +119,11 @@ pub fn read_lag(history: &[Op]) -> Json {
 pub fn fault_counts(history: &[Op]) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for o in history {
-        if o.process == Process::Nemesis
-            && o.kind == OpType::Invoke
-            && matches!(o.f.as_str(), "kill" | "pause" | "partition" | "snapshot")
-        {
-            *m.entry(if o.f == "snapshot" {
-                "rollback".into()
-            } else {
-                o.f.clone()
-            })
-            .or_default() += 1;
+        if o.process != Process::Nemesis || o.kind != OpType::Invoke {
+            continue;
+        }
+        if let Some(k) = crate::schedule::FaultKind::started_by(&o.f) {
+            *m.entry(k.to_string()).or_default() += 1;
         }
     }
     m

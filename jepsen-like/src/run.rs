@@ -548,12 +548,20 @@ async fn run_nemesis(
         };
         rec.nemesis(OpType::Invoke, begin, value.clone(), None)
             .await;
-        let r = apply(&cluster, fault.kind, true, targets.clone(), links.clone()).await;
+        let r = if fault.kind == FaultKind::Membership {
+            membership(&cluster, &client_cfg, true, &targets).await
+        } else {
+            apply(&cluster, fault.kind, true, targets.clone(), links.clone()).await
+        };
         rec.nemesis(OpType::Info, begin, value.clone(), r.err())
             .await;
         tokio::time::sleep(Duration::from_millis(fault.hold_ms)).await;
         rec.nemesis(OpType::Invoke, end, value.clone(), None).await;
-        let r = apply(&cluster, fault.kind, false, targets, links).await;
+        let r = if fault.kind == FaultKind::Membership {
+            membership(&cluster, &client_cfg, false, &targets).await
+        } else {
+            apply(&cluster, fault.kind, false, targets, links).await
+        };
         rec.nemesis(OpType::Info, end, value, r.err()).await;
     }
 }
@@ -580,11 +588,109 @@ async fn apply(
             (FaultKind::Partition, false) => c.heal_network(),
             (FaultKind::Rollback, true) => targets.iter().try_for_each(|t| c.snapshot_data(*t)),
             (FaultKind::Rollback, false) => targets.iter().try_for_each(|t| c.rollback_data(*t)),
+            (FaultKind::Membership, _) => Err(anyhow::anyhow!(
+                "membership faults run through `membership`"
+            )),
         }
     })
     .await;
     match r {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(e) => Err(format!("nemesis task: {e}")),
+    }
+}
+
+/// How long one membership step may wait for partition moves.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
+
+/// The membership fault. Begin: `remove-node` (replicas move off the node,
+/// it leaves the controller and stops by itself). End: make sure it is out
+/// (the moves may have outlasted the begin step), then wipe it, start it
+/// with `cluster.join = true` and `add-node` it back, empty: replicas move
+/// onto it again.
+async fn membership(
+    cluster: &Arc<Mutex<Cluster>>,
+    client_cfg: &arrowbus::ClientConfig,
+    begin: bool,
+    targets: &[u32],
+) -> Result<(), String> {
+    let Some(&id) = targets.first() else {
+        return Ok(());
+    };
+    let mut cfg = client_cfg.clone();
+    // Admin requests wait on the controller (up to 20 s for a joining node).
+    cfg.request_timeout = cfg.request_timeout.max(MEMBERSHIP_WAIT);
+    let client = Client::connect(cfg)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let r = membership_step(cluster, &client, begin, id).await;
+    client.close().await;
+    r
+}
+
+async fn membership_step(
+    cluster: &Arc<Mutex<Cluster>>,
+    client: &Client,
+    begin: bool,
+    id: u32,
+) -> Result<(), String> {
+    let admin = client.admin();
+    let removed = match admin
+        .remove_node_wait(u64::from(id), MEMBERSHIP_WAIT, |_| {})
+        .await
+    {
+        Ok(c) => c.removed,
+        // A retry after the node already left.
+        Err(e) if e.to_string().contains("is not in this cluster") => true,
+        Err(e) => return Err(format!("remove-node {id}: {e}")),
+    };
+    if !removed {
+        return Err(format!(
+            "remove-node {id}: replicas still moving after {MEMBERSHIP_WAIT:?}"
+        ));
+    }
+    let c = cluster.clone();
+    let addr = blocking(move || {
+        let mut c = c
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cluster lock poisoned"))?;
+        // It stops by itself once told it left (kill it if it was not told).
+        if c.pid(id).is_some() && c.reap(id, Duration::from_secs(10)).is_err() {
+            c.kill(id)?;
+        }
+        if begin {
+            return Ok(String::new());
+        }
+        c.restart_empty_joining(id)?;
+        c.spec(id)
+            .map(|s| s.addr.to_string())
+            .ok_or_else(|| anyhow::anyhow!("no node {id}"))
+    })
+    .await?;
+    if begin {
+        return Ok(());
+    }
+    // Busy while the last moves finish: retry a little.
+    let deadline = Instant::now() + MEMBERSHIP_WAIT;
+    loop {
+        match admin.add_node(u64::from(id), &addr).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("jepsen-like: add-node {id}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("add-node {id} {addr}: {e}")),
+        }
+    }
+}
+
+/// Run a blocking cluster operation off the runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(e) => Err(format!("nemesis task: {e}")),
     }

@@ -63,6 +63,10 @@ pub enum FaultKind {
     Pause,
     /// Drop packets between groups of nodes (and the clients).
     Partition,
+    /// Remove a node from the cluster (`remove-node`: its replicas move
+    /// away, it stops), then wipe it and add it back as a new, empty node
+    /// (`add-node`: replicas move onto it). Needs more nodes than replicas.
+    Membership,
     /// Deliberately unsafe, to prove the checker catches loss: snapshot a
     /// node's data directory (while it is stopped), let it acknowledge more
     /// writes, then kill it and put the snapshot back, like a disk that
@@ -71,11 +75,30 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    pub const ALL: [FaultKind; 5] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Partition,
+        FaultKind::Membership,
+        FaultKind::Rollback,
+    ];
+
+    /// The fault a history `f` starts, if it starts one.
+    pub fn started_by(f: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.names().0 == f)
+    }
+
+    /// Whether a history `f` ends a fault (`heal-all` ends any).
+    pub fn is_end(f: &str) -> bool {
+        f == "heal-all" || Self::ALL.iter().any(|k| k.names().1 == f)
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "kill" => Some(FaultKind::Kill),
             "pause" => Some(FaultKind::Pause),
             "partition" => Some(FaultKind::Partition),
+            "membership" => Some(FaultKind::Membership),
             "rollback" => Some(FaultKind::Rollback),
             _ => None,
         }
@@ -86,6 +109,7 @@ impl FaultKind {
             FaultKind::Kill => ("kill", "restart"),
             FaultKind::Pause => ("pause", "resume"),
             FaultKind::Partition => ("partition", "heal"),
+            FaultKind::Membership => ("leave", "rejoin"),
             FaultKind::Rollback => ("snapshot", "rollback"),
         }
     }
@@ -97,6 +121,7 @@ impl fmt::Display for FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Pause => "pause",
             FaultKind::Partition => "partition",
+            FaultKind::Membership => "membership",
             FaultKind::Rollback => "rollback",
         })
     }
@@ -252,8 +277,8 @@ pub fn plan(seed: u64, cfg: &ScheduleConfig) -> Vec<Fault> {
                 at_ms: t,
                 hold_ms: hold,
                 kind,
-                target: if kind == FaultKind::Rollback {
-                    // Rollback needs one node's data directory.
+                target: if matches!(kind, FaultKind::Rollback | FaultKind::Membership) {
+                    // Both act on one node's data directory.
                     Target::One
                 } else {
                     target
@@ -540,6 +565,31 @@ mod tests {
         );
         assert_eq!(isolate_from_nodes(&[1, 4], 5).len(), 6);
         assert_eq!(isolate_from_nodes(&[1], 1), vec![(Node(1), Clients)]);
+    }
+
+    #[test]
+    fn every_fault_kind_round_trips_through_its_history_names() {
+        for k in FaultKind::ALL {
+            let (start, end) = k.names();
+            assert_eq!(FaultKind::started_by(start), Some(k), "{k}");
+            assert!(FaultKind::is_end(end), "{k}");
+            assert!(!FaultKind::is_end(start), "{k}");
+            assert_eq!(FaultKind::parse(&k.to_string()), Some(k));
+        }
+        assert!(FaultKind::is_end("heal-all"));
+        assert_eq!(FaultKind::started_by("restart"), None);
+    }
+
+    #[test]
+    fn membership_faults_act_on_one_node() {
+        let cfg = ScheduleConfig::new(300_000, vec![FaultKind::Membership, FaultKind::Kill]);
+        let p = plan(7, &cfg);
+        let m: Vec<&Fault> = p
+            .iter()
+            .filter(|f| f.kind == FaultKind::Membership)
+            .collect();
+        assert!(m.len() >= 3, "{p:?}");
+        assert!(m.iter().all(|f| f.target == Target::One), "{m:?}");
     }
 
     #[test]
