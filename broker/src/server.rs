@@ -38,6 +38,15 @@ const BLOCKING_DECODE_MIN_BYTES: usize = 64 * 1024;
 const READ_BATCHES_PER_CALL_MAX: usize = 64;
 /// Most bytes read from the log per blocking read call (beyond the first batch).
 const READ_BYTES_PER_CALL_MAX: u64 = 4 * 1024 * 1024;
+/// How long a publish waits for this node to apply the topic's schema (set
+/// at the controller leader just before, by the client's first publish).
+const SCHEMA_APPLY_WAIT: Duration = Duration::from_secs(1);
+/// How often an idle subscription checks that its replica still leads.
+const SUBSCRIBER_LEADER_CHECK: Duration = Duration::from_millis(500);
+/// How long an idle subscription stays on a replica that no longer leads
+/// before it is ended with `NotLeader` (a leader change usually completes
+/// well within it, and then the subscription just carries on).
+const SUBSCRIBER_LEADER_GRACE: Duration = Duration::from_secs(2);
 /// How long a graceful shutdown waits for in-flight publishes to be acknowledged.
 const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// QUIC application close code sent to clients on shutdown.
@@ -478,7 +487,10 @@ impl Broker {
                 ),
             ));
         }
-        let topic = self.topics.get(&p.topic)?;
+        let topic = self
+            .topics
+            .get_with_schema(&p.topic, SCHEMA_APPLY_WAIT)
+            .await?;
         let partition = topic.partition(p.partition)?.clone();
         // Before the expensive checks: a follower redirects at once.
         partition.ensure_leader()?;
@@ -566,9 +578,9 @@ impl Broker {
                     (c, o)
                 }
             };
-            Ok((topic, log, flushed, hw, cursor, start_offset))
+            Ok((topic, partition, log, flushed, hw, cursor, start_offset))
         };
-        let (topic, log, mut flushed, hw, mut cursor, start_offset) = match setup() {
+        let (topic, partition, log, mut flushed, hw, mut cursor, start_offset) = match setup() {
             Ok(x) => x,
             Err(e) => {
                 let _ =
@@ -623,6 +635,13 @@ impl Broker {
         let mut credit = s.credit;
         let mut skip_before = start_offset;
         let mut disk = log.flushed();
+        // While idle, check now and then that this replica still leads: a
+        // former leader keeps delivering what it applies, but once it is cut
+        // off or the partition moved to other nodes nothing more arrives,
+        // and the subscriber must move (it resumes at its next offset).
+        let mut leader_check = tokio::time::interval(SUBSCRIBER_LEADER_CHECK);
+        leader_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut not_leader_since: Option<tokio::time::Instant> = None;
         loop {
             if credit.batches == 0 || credit.bytes == 0 {
                 match credit_rx.recv().await {
@@ -659,6 +678,15 @@ impl Broker {
                         },
                         Some(Err(e)) => return fail(&mut send, e).await,
                         None => return,
+                    },
+                    _ = leader_check.tick() => match partition.ensure_leader() {
+                        Ok(()) => not_leader_since = None,
+                        Err(e) => {
+                            let since = *not_leader_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= SUBSCRIBER_LEADER_GRACE {
+                                return fail(&mut send, e).await;
+                            }
+                        }
                     },
                 }
                 continue;

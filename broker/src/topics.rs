@@ -714,6 +714,25 @@ impl Topics {
             })
     }
 
+    /// [`Topics::get`], waiting (up to `wait`) while the topic has no
+    /// schema here: a client sets the schema at the controller leader and
+    /// then publishes to a partition leader, which may apply that change a
+    /// moment later.
+    pub async fn get_with_schema(
+        &self,
+        name: &str,
+        wait: Duration,
+    ) -> Result<Arc<Topic>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let t = self.get(name)?;
+            if t.schema().is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(t);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn list(&self) -> Vec<Arc<Topic>> {
         self.map
             .read()
