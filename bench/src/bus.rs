@@ -93,6 +93,9 @@ impl Bus for Arrowbus {
                 .create_topic(t)
                 .await
                 .with_context(|| format!("creating topic {topic}"))?;
+            if self.replication_factor > 1 {
+                self.await_leaders(topic).await?;
+            }
             Ok(())
         })
     }
@@ -129,6 +132,36 @@ impl Bus for Arrowbus {
                 topic: topic.to_owned(),
             }) as Arc<dyn Publisher>)
         })
+    }
+}
+
+/// How long a new replicated partition may take to elect its leader.
+const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Arrowbus {
+    /// Wait until every partition of a new replicated topic has a leader
+    /// (its Raft group elects one after creation; 250–500 ms election
+    /// timeout). Otherwise the first batches of every phase would wait in
+    /// NotLeader retries, which charges the election to the latency and
+    /// lets retried batches land after later ones. Describing the topic
+    /// also gives the client the leaders, so it publishes straight there.
+    async fn await_leaders(&self, topic: &str) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + LEADER_TIMEOUT;
+        loop {
+            let info = self.client.admin().describe_topic(topic).await;
+            if let Ok(i) = &info {
+                if i.partitions.iter().all(|p| p.leader != 0) {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "topic {topic}: no leader for every partition within {LEADER_TIMEOUT:?} ({:?})",
+                    info.map(|i| i.partitions.iter().map(|p| p.leader).collect::<Vec<_>>())
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
