@@ -140,24 +140,60 @@ const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Arrowbus {
     /// Wait until every partition of a new replicated topic has a leader
-    /// (its Raft group elects one after creation; 250–500 ms election
-    /// timeout). Otherwise the first batches of every phase would wait in
-    /// NotLeader retries, which charges the election to the latency and
-    /// lets retried batches land after later ones. Describing the topic
-    /// also gives the client the leaders, so it publishes straight there.
+    /// that all its replicas agree on and that has committed an entry of
+    /// its term, and until the client's metadata names it. A new partition
+    /// is a new Raft group whose election takes 250–500 ms after creation;
+    /// the topic's metadata can name a leader before the group has one.
+    /// Publishing earlier would charge the election to the first batches
+    /// of every phase, and their NotLeader retries can land after batches
+    /// sent later.
     async fn await_leaders(&self, topic: &str) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + LEADER_TIMEOUT;
+        let admin = self.client.admin();
         loop {
-            let info = self.client.admin().describe_topic(topic).await;
-            if let Ok(i) = &info {
-                if i.partitions.iter().all(|p| p.leader != 0) {
+            let mut state = String::new();
+            // Describing also refreshes the leaders the producer uses.
+            if let Ok(info) = admin.describe_topic(topic).await {
+                let mut ready = true;
+                for p in &info.partitions {
+                    let mut views = Vec::new();
+                    for &node in &p.replicas {
+                        let g = admin.node_status(node).await.ok().and_then(|s| {
+                            s.partitions
+                                .into_iter()
+                                .find(|g| g.topic == topic && g.partition == p.partition)
+                        });
+                        views.push(
+                            g.map(|g| (node, g.role, g.leader, g.committed, g.last_log_index)),
+                        );
+                    }
+                    let agreed = views.iter().all(|v| {
+                        v.as_ref()
+                            .is_some_and(|(_, _, leader, _, _)| *leader != 0 && *leader == p.leader)
+                    });
+                    let established =
+                        views
+                            .iter()
+                            .flatten()
+                            .any(|(node, role, _, committed, last)| {
+                                *node == p.leader
+                                    && role == "leader"
+                                    && committed >= last
+                                    && *last > 0
+                            });
+                    if !(agreed && established) {
+                        ready = false;
+                        state = format!("partition {}: metadata leader {}, replicas (node, role, leader, committed, last) {views:?}", p.partition, p.leader);
+                        break;
+                    }
+                }
+                if ready {
                     return Ok(());
                 }
             }
             if std::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "topic {topic}: no leader for every partition within {LEADER_TIMEOUT:?} ({:?})",
-                    info.map(|i| i.partitions.iter().map(|p| p.leader).collect::<Vec<_>>())
+                    "topic {topic}: no established leader within {LEADER_TIMEOUT:?}: {state}"
                 );
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
