@@ -497,6 +497,7 @@ pub fn phase_json(p: &PhaseResult) -> Value {
         "delivered": p.delivered,
         "duplicates": p.duplicates,
         "reordered": p.reordered,
+        "subscriber_failed": p.subscriber_failed,
         "lost": p.lost,
         "unacked_outstanding": p.unacked_outstanding,
         "errors_total": p.errors_total,

@@ -101,6 +101,9 @@ pub struct PhaseResult {
     pub reordered: u64,
     /// Acked but not delivered when the phase ended.
     pub lost: u64,
+    /// The subscription failed before the end: `lost` then counts what it
+    /// could not check as well as what is missing.
+    pub subscriber_failed: bool,
     pub unacked_outstanding: u64,
     pub errors_total: u64,
     pub errors: Vec<String>,
@@ -340,6 +343,7 @@ async fn measure(
         duplicates: subs.duplicates,
         reordered: subs.reordered,
         lost,
+        subscriber_failed: subs.error.is_some(),
         unacked_outstanding: acks.outstanding,
         errors_total,
         errors,

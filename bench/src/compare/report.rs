@@ -111,7 +111,11 @@ pub struct Accounting {
     pub sent: u64,
     pub acked: u64,
     pub delivered: u64,
+    /// Acked, never delivered, in phases whose subscriber read to the end.
     pub lost: u64,
+    /// Acked, not delivered, in phases whose subscriber failed early: not
+    /// checked (the subscriber's error is in the notes).
+    pub unchecked: u64,
     pub reordered: u64,
     pub duplicates: u64,
     pub unacked: u64,
@@ -124,7 +128,11 @@ impl Accounting {
         self.sent += p.sent;
         self.acked += p.acked;
         self.delivered += p.delivered;
-        self.lost += p.lost;
+        if p.subscriber_failed {
+            self.unchecked += p.lost;
+        } else {
+            self.lost += p.lost;
+        }
         self.reordered += p.reordered;
         self.duplicates += p.duplicates;
         self.unacked += p.unacked_outstanding;
@@ -706,19 +714,20 @@ impl CompareReport {
         );
         let _ = writeln!(
             s,
-            "| system | phases | sent | acked | delivered | lost | out of order | duplicates | unacked at the end | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| system | phases | sent | acked | delivered | lost | not checked (subscriber failed) | out of order | duplicates | unacked at the end | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for c in &self.rows() {
             let x = self.accounting(*c);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} | {} |",
                 c.label(),
                 x.phases,
                 x.sent,
                 x.acked,
                 x.delivered,
                 x.lost,
+                x.unchecked,
                 x.reordered,
                 x.duplicates,
                 x.unacked,
@@ -984,7 +993,7 @@ impl CompareReport {
             "accounting": self.rows().iter().map(|c| {
                 let x = self.accounting(*c);
                 json!({"system": c.label(), "phases": x.phases, "sent": x.sent, "acked": x.acked,
-                       "delivered": x.delivered, "lost": x.lost, "reordered": x.reordered,
+                       "delivered": x.delivered, "lost": x.lost, "unchecked_subscriber_failed": x.unchecked, "reordered": x.reordered,
                        "duplicates": x.duplicates, "unacked": x.unacked, "errors": x.errors})
             }).collect::<Vec<_>>(),
             "loads": self.rows().iter().map(|c| json!({"system": c.label(), "loadavg_at_start": self.info(*c).map(|i| i.loads.clone())})).collect::<Vec<_>>(),
@@ -1088,6 +1097,7 @@ mod tests {
             duplicates: 1,
             reordered: 2,
             lost: 1,
+            subscriber_failed: false,
             unacked_outstanding: 1,
             errors_total: 3,
             errors: Vec::new(),
@@ -1104,7 +1114,8 @@ mod tests {
         };
         let mut a = Accounting::default();
         a.add(&p);
-        p.lost = 0;
+        p.subscriber_failed = true;
+        p.lost = 5;
         a.add(&p);
         assert_eq!(
             a,
@@ -1114,6 +1125,7 @@ mod tests {
                 acked: 18,
                 delivered: 16,
                 lost: 1,
+                unchecked: 5,
                 reordered: 4,
                 duplicates: 2,
                 unacked: 2,
