@@ -93,6 +93,9 @@ impl Bus for Arrowbus {
                 .create_topic(t)
                 .await
                 .with_context(|| format!("creating topic {topic}"))?;
+            if self.replication_factor > 1 {
+                self.await_leaders(topic).await?;
+            }
             Ok(())
         })
     }
@@ -129,6 +132,72 @@ impl Bus for Arrowbus {
                 topic: topic.to_owned(),
             }) as Arc<dyn Publisher>)
         })
+    }
+}
+
+/// How long a new replicated partition may take to elect its leader.
+const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Arrowbus {
+    /// Wait until every partition of a new replicated topic has a leader
+    /// that all its replicas agree on and that has committed an entry of
+    /// its term, and until the client's metadata names it. A new partition
+    /// is a new Raft group whose election takes 250–500 ms after creation;
+    /// the topic's metadata can name a leader before the group has one.
+    /// Publishing earlier would charge the election to the first batches
+    /// of every phase, and their NotLeader retries can land after batches
+    /// sent later.
+    async fn await_leaders(&self, topic: &str) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + LEADER_TIMEOUT;
+        let admin = self.client.admin();
+        loop {
+            let mut state = String::new();
+            // Describing also refreshes the leaders the producer uses.
+            if let Ok(info) = admin.describe_topic(topic).await {
+                let mut ready = true;
+                for p in &info.partitions {
+                    let mut views = Vec::new();
+                    for &node in &p.replicas {
+                        let g = admin.node_status(node).await.ok().and_then(|s| {
+                            s.partitions
+                                .into_iter()
+                                .find(|g| g.topic == topic && g.partition == p.partition)
+                        });
+                        views.push(
+                            g.map(|g| (node, g.role, g.leader, g.committed, g.last_log_index)),
+                        );
+                    }
+                    let agreed = views.iter().all(|v| {
+                        v.as_ref()
+                            .is_some_and(|(_, _, leader, _, _)| *leader != 0 && *leader == p.leader)
+                    });
+                    let established =
+                        views
+                            .iter()
+                            .flatten()
+                            .any(|(node, role, _, committed, last)| {
+                                *node == p.leader
+                                    && role == "leader"
+                                    && committed >= last
+                                    && *last > 0
+                            });
+                    if !(agreed && established) {
+                        ready = false;
+                        state = format!("partition {}: metadata leader {}, replicas (node, role, leader, committed, last) {views:?}", p.partition, p.leader);
+                        break;
+                    }
+                }
+                if ready {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "topic {topic}: no established leader within {LEADER_TIMEOUT:?}: {state}"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

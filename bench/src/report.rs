@@ -496,6 +496,8 @@ pub fn phase_json(p: &PhaseResult) -> Value {
         "acked": p.acked,
         "delivered": p.delivered,
         "duplicates": p.duplicates,
+        "reordered": p.reordered,
+        "subscriber_failed": p.subscriber_failed,
         "lost": p.lost,
         "unacked_outstanding": p.unacked_outstanding,
         "errors_total": p.errors_total,
@@ -514,7 +516,7 @@ pub fn phase_json(p: &PhaseResult) -> Value {
     })
 }
 
-fn disk_json(d: &DiskReport) -> Value {
+pub fn disk_json(d: &DiskReport) -> Value {
     let dd = |r: &Result<DdResult, String>| match r {
         Ok(d) => {
             json!({"command": d.command, "bytes": d.bytes, "seconds": d.seconds, "mb_per_s": d.mb_per_s})
@@ -560,6 +562,9 @@ fn health(p: &PhaseResult) -> String {
     }
     if p.duplicates > 0 {
         let _ = write!(s, ", {} dup", p.duplicates);
+    }
+    if p.reordered > 0 {
+        let _ = write!(s, ", {} out of order", p.reordered);
     }
     s
 }

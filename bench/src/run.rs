@@ -96,8 +96,14 @@ pub struct PhaseResult {
     pub acked: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    /// First deliveries whose sequence number is below one delivered
+    /// before them: out of publish order (meaningful with one partition).
+    pub reordered: u64,
     /// Acked but not delivered when the phase ended.
     pub lost: u64,
+    /// The subscription failed before the end: `lost` then counts what it
+    /// could not check as well as what is missing.
+    pub subscriber_failed: bool,
     pub unacked_outstanding: u64,
     pub errors_total: u64,
     pub errors: Vec<String>,
@@ -196,6 +202,7 @@ struct SubOutcome {
     seen: Vec<bool>,
     delivered: u64,
     duplicates: u64,
+    reordered: u64,
     last_delivery: Option<Instant>,
     latency: Latency,
     error: Option<String>,
@@ -334,7 +341,9 @@ async fn measure(
         acked: acks.acked_seqs.len() as u64,
         delivered: subs.delivered,
         duplicates: subs.duplicates,
+        reordered: subs.reordered,
         lost,
+        subscriber_failed: subs.error.is_some(),
         unacked_outstanding: acks.outstanding,
         errors_total,
         errors,
@@ -488,6 +497,7 @@ async fn subscribe_loop(
         seen: Vec::new(),
         delivered: 0,
         duplicates: 0,
+        reordered: 0,
         last_delivery: None,
         latency,
         error: None,
@@ -526,6 +536,11 @@ async fn subscribe_loop(
                 if out.seen[i] {
                     out.duplicates += 1;
                 } else {
+                    // `seen` only grows past the highest sequence number
+                    // delivered so far: a first delivery inside it is late.
+                    if i + 1 < out.seen.len() {
+                        out.reordered += 1;
+                    }
                     out.seen[i] = true;
                     out.delivered += 1;
                     count.fetch_add(1, Ordering::Relaxed);
@@ -545,4 +560,51 @@ async fn subscribe_loop(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BoxFut;
+    use arrow_array::RecordBatch;
+
+    /// Deliveries replayed from a list, then the subscription ends.
+    struct Replay(std::vec::IntoIter<RecordBatch>);
+
+    impl Deliveries for Replay {
+        fn next(&mut self) -> BoxFut<'_, Option<anyhow::Result<RecordBatch>>> {
+            let b = self.0.next();
+            Box::pin(async move { b.map(Ok) })
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriber_counts_duplicates_and_reordering() -> anyhow::Result<()> {
+        let t = Template::with_rows(2)?;
+        let clock = Clock::now();
+        let seqs = [0u64, 1, 3, 2, 3, 4, 0, 5];
+        let batches = seqs
+            .iter()
+            .map(|&s| t.stamp(s, clock.micros_of(clock.start)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let count = Arc::new(AtomicU64::new(0));
+        let out = subscribe_loop(
+            Box::new(Replay(batches.into_iter())),
+            clock,
+            count.clone(),
+            stop_rx,
+            None,
+            Latency::new()?,
+        )
+        .await;
+        // 0..=5 each delivered once; 3 and 0 again (duplicates); 2 after 3.
+        assert_eq!(out.delivered, 6);
+        assert_eq!(count.load(Ordering::Relaxed), 6);
+        assert_eq!(out.duplicates, 2);
+        assert_eq!(out.reordered, 1);
+        assert_eq!(out.seen, vec![true; 6]);
+        assert_eq!(out.error.as_deref(), Some("the subscription ended"));
+        Ok(())
+    }
 }

@@ -47,7 +47,8 @@ use servers::{PeerPaths, Servers};
 
 #[derive(Args)]
 pub struct CompareArgs {
-    /// Peers to measure beside arrowbus: kafka, nats, redis.
+    /// Peers to measure beside arrowbus: kafka, nats, redis; `none` for
+    /// arrowbus alone (e.g. `--peers none --replicas 1,3`).
     #[arg(long, value_delimiter = ',', default_value = "kafka,nats,redis")]
     peers: Vec<Peer>,
     /// Replication factors: 1 (single node) and/or 3 (three nodes on loopback).
@@ -95,6 +96,16 @@ pub struct CompareArgs {
     /// After publishing, how long to wait for missing acks and deliveries.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     drain_timeout: Duration,
+    /// Skip the disk baseline (dd and append+fdatasync in --work-dir,
+    /// measured at the start of every repetition).
+    #[arg(long)]
+    no_disk: bool,
+    /// MiB written by the dd baseline.
+    #[arg(long, default_value_t = 1024)]
+    dd_mib: u64,
+    /// Length of each append+fdatasync loop of the disk baseline.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    sync_for: Duration,
     /// Report path (.md; the .json and the PNG plots go next to it).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -105,6 +116,8 @@ pub enum Peer {
     Kafka,
     Nats,
     Redis,
+    /// No peer: arrowbus alone.
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -177,6 +190,9 @@ pub struct Measured {
     pub load_pct: Option<f64>,
     pub size: SizeSpec,
     pub phase: PhaseResult,
+    /// The warm-up after the servers started: not in any median, only in
+    /// the accounting of acknowledged batches.
+    pub warmup: bool,
 }
 
 /// What was learnt about a contender's servers.
@@ -188,9 +204,12 @@ pub struct ServerInfo {
     /// Largest summed VmRSS sampled over a whole run of the contender.
     pub peak_rss_kb: Vec<u64>,
     pub stops: Vec<String>,
+    /// The load average (1/5/15 min) when each repetition of it started.
+    pub loads: Vec<String>,
 }
 
-pub fn cmd_compare(a: CompareArgs) -> anyhow::Result<()> {
+pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
+    a.peers.retain(|&p| p != Peer::None);
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
@@ -220,26 +239,42 @@ pub fn cmd_compare(a: CompareArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut measured = Vec::new();
     let mut infos: Vec<(Contender, ServerInfo)> = Vec::new();
+    let mut disks = Vec::new();
     for rep in 0..a.reps {
+        if !a.no_disk {
+            // The disk every server writes to, measured in the same run (per
+            // repetition: neighbours on a shared machine change it).
+            std::fs::create_dir_all(&a.work_dir)
+                .with_context(|| format!("creating {}", a.work_dir.display()))?;
+            eprintln!(
+                "busbench: compare rep {}/{}: disk baseline in {}",
+                rep + 1,
+                a.reps,
+                a.work_dir.display()
+            );
+            disks.push(crate::disk::measure(&a.work_dir, a.dd_mib, a.sync_for));
+        }
         // Rotate the order each repetition: systems alternate.
         let mut order = contenders.clone();
         let n = order.len().max(1);
         order.rotate_left(rep % n);
         for c in order {
+            let load = crate::report::load_average();
             eprintln!(
-                "busbench: compare rep {}/{}: {} (load {})",
+                "busbench: compare rep {}/{}: {} (load {load})",
                 rep + 1,
                 a.reps,
                 c.label(),
-                crate::report::load_average()
             );
             match run_contender(&rt, &a, &busd, peers.as_ref(), c, rep) {
-                Ok(Some((phases, info))) => {
+                Ok(Some((phases, mut info))) => {
                     measured.extend(phases);
+                    info.loads.push(load);
                     match infos.iter_mut().find(|(k, _)| *k == c) {
                         Some((_, i)) => {
                             i.peak_rss_kb.extend(info.peak_rss_kb);
                             i.stops.extend(info.stops);
+                            i.loads.extend(info.loads);
                         }
                         None => infos.push((c, info)),
                     }
@@ -271,6 +306,7 @@ pub fn cmd_compare(a: CompareArgs) -> anyhow::Result<()> {
         contenders,
         infos,
         measured,
+        disks,
         unavailable,
         notes,
     };
@@ -278,7 +314,13 @@ pub fn cmd_compare(a: CompareArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| crate::default_out("compare"));
-    let written = r.write(&out, peers.as_ref().map(|p| p.plot_python.as_path()))?;
+    // The plots need fetch.sh's matplotlib, also when no peer was measured.
+    let plot_python = peers.as_ref().map(|p| p.plot_python.clone()).or_else(|| {
+        PeerPaths::load(&peers_dir(&a).join("peers.env"))
+            .ok()
+            .map(|p| p.plot_python)
+    });
+    let written = r.write(&out, plot_python.as_deref())?;
     println!("{}", r.markdown());
     for w in written {
         eprintln!("busbench: wrote {}", w.display());
@@ -302,9 +344,19 @@ fn unavailable(a: &CompareArgs, busd: &Path, _c: &[Contender]) -> Vec<(String, S
     }
     out.push((
         "Python producers".to_owned(),
-        "not measured: busbench has no Python driver yet (arrowbus's Python producer against confluent-kafka and nats-py publishing the same IPC bytes); client-py was still being written when this comparison was, so the driver scaffolding was left out".to_owned(),
+        "not measured: `busbench compare` has no Python driver (arrowbus's Python producer against confluent-kafka and nats-py publishing the same IPC bytes); bench/python/pybench.py measures the Python client on its own".to_owned(),
     ));
     out
+}
+
+/// `--peers-dir`, `$BUSBENCH_PEERS`, or `~/.cache/busbench-peers`.
+fn peers_dir(a: &CompareArgs) -> PathBuf {
+    a.peers_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/busbench-peers")
+    })
 }
 
 fn peer_paths(a: &CompareArgs, notes: &mut Vec<String>) -> anyhow::Result<Option<PeerPaths>> {
@@ -315,12 +367,7 @@ fn peer_paths(a: &CompareArgs, notes: &mut Vec<String>) -> anyhow::Result<Option
         notes.push("peers not measured: this busbench was built without its `compare` feature (cargo build --release -p arrowbus-bench --features compare)".into());
         return Ok(None);
     }
-    let dir = a.peers_dir.clone().unwrap_or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join(".cache/busbench-peers")
-    });
+    let dir = peers_dir(a);
     let env_file = dir.join("peers.env");
     if !env_file.exists() {
         if a.no_fetch {
@@ -358,6 +405,7 @@ fn contenders(a: &CompareArgs, notes: &mut Vec<String>) -> Vec<Contender> {
     reps.sort_unstable();
     reps.dedup();
     let mut peers = a.peers.clone();
+    peers.retain(|&p| p != Peer::None);
     peers.sort();
     peers.dedup();
     let mut dur = a.durability.clone();
@@ -374,6 +422,7 @@ fn contenders(a: &CompareArgs, notes: &mut Vec<String>) -> Vec<Contender> {
                 Peer::Kafka => System::Kafka,
                 Peer::Nats => System::Nats,
                 Peer::Redis => System::Redis,
+                Peer::None => continue,
             };
             if system == System::Redis && r > 1 {
                 continue;
@@ -413,7 +462,10 @@ fn run_contender(
             (s, Some(cfg))
         }
         System::Arrowbus => match servers::start_arrowbus_cluster(busd, &a.work_dir)? {
-            Ok((s, cfg)) => (s, Some(cfg)),
+            Ok((s, cfg)) => {
+                info.version = "busd (this tree), 3 nodes: `busd dev --nodes 3`".into();
+                (s, Some(cfg))
+            }
             Err(_) => return Ok(None),
         },
         _ => {
@@ -465,6 +517,9 @@ async fn make_bus(
             let client = arrowbus::Client::connect(cfg)
                 .await
                 .context("connecting to busd")?;
+            if c.replicas > 1 {
+                await_nodes(&client, c.replicas).await?;
+            }
             Ok(Box::new(Arrowbus {
                 client,
                 replication_factor: c.replicas as u16,
@@ -488,6 +543,31 @@ async fn make_bus(
         _ => bail!("{} is not built into this busbench", c.label()),
     }
 }
+
+/// Wait until every node of a `busd dev --nodes N` cluster answers a
+/// status request (the supervisor writes the profile as soon as it has
+/// started the processes, before they listen and elect a controller).
+async fn await_nodes(client: &arrowbus::Client, nodes: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+    loop {
+        let mut up = 0;
+        for id in 1..=nodes as u64 {
+            if client.admin().node_status(id).await.is_ok() {
+                up += 1;
+            }
+        }
+        if up == nodes && client.admin().list_topics().await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{up} of {nodes} nodes answered within {CLUSTER_READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a fresh local cluster may take until every node answers.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn phase_cfg(
     a: &CompareArgs,
@@ -546,6 +626,14 @@ async fn measure_contender(
             if !w.failures().is_empty() {
                 eprintln!("busbench:   warm-up: {}", w.failures().join("; "));
             }
+            out.push(Measured {
+                contender: c,
+                rep,
+                load_pct: None,
+                size: SizeSpec::Rows(1000),
+                phase: w,
+                warmup: true,
+            });
         }
         for &size in &a.sizes {
             let max = run::run_phase(
@@ -568,6 +656,7 @@ async fn measure_contender(
                 load_pct: None,
                 size,
                 phase: max,
+                warmup: false,
             });
             let Some(capacity) = capacity else { continue };
             for &pct in &a.load {
@@ -591,6 +680,7 @@ async fn measure_contender(
                     load_pct: Some(pct),
                     size,
                     phase: p,
+                    warmup: false,
                 });
             }
         }
@@ -611,4 +701,61 @@ fn tool_version(bin: &Path, args: &[&str]) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("{} (version unknown)", bin.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: CompareArgs,
+    }
+
+    fn arrowbus(replicas: usize) -> Contender {
+        Contender {
+            replicas,
+            system: System::Arrowbus,
+            strong: true,
+        }
+    }
+
+    #[test]
+    fn peers_none_is_arrowbus_alone() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["busbench", "--peers", "none", "--replicas", "3,1"])?;
+        let mut notes = Vec::new();
+        assert_eq!(
+            contenders(&cli.a, &mut notes),
+            vec![arrowbus(1), arrowbus(3)]
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+        assert!(!cli.a.no_disk);
+        assert_eq!(cli.a.dd_mib, 1024);
+        assert_eq!(cli.a.sync_for, Duration::from_secs(3));
+        Ok(())
+    }
+
+    #[test]
+    fn peers_at_three_replicas_skip_redis() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from([
+            "busbench",
+            "--peers",
+            "kafka,nats,redis",
+            "--replicas",
+            "3",
+            "--durability",
+            "strong",
+            "--no-disk",
+        ])?;
+        let c = contenders(&cli.a, &mut Vec::new());
+        let labels: Vec<String> = c.iter().map(Contender::label).collect();
+        assert_eq!(
+            labels,
+            ["arrowbus R3", "Kafka R3 flush", "NATS JetStream R3 sync"]
+        );
+        assert!(cli.a.no_disk);
+        Ok(())
+    }
 }

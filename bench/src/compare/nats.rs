@@ -22,6 +22,8 @@ const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a freshly started cluster may take to elect a JetStream meta
 /// leader before stream creation succeeds.
 const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a replicated consumer may take to elect its leader.
+const CONSUMER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages and bytes one pull request asks for: enough to keep delivery
 /// streaming, bounded so a subscriber holds at most 64 MiB (arrowbus's
 /// subscription credit is 8 MiB; the bound here is looser, not tighter).
@@ -114,6 +116,27 @@ impl Bus for Nats {
                 })
                 .await
                 .map_err(|e| anyhow!("creating a JetStream consumer on {topic}: {e}"))?;
+            if self.replicas > 1 {
+                // A replicated consumer is a Raft group of its own: pulls
+                // before it has a leader get "no responders", which ended
+                // the subscription of two R3 phases (2026-11-22).
+                let deadline = Instant::now() + CONSUMER_READY_TIMEOUT;
+                loop {
+                    let info = consumer.get_info().await;
+                    if let Ok(i) = &info {
+                        if i.cluster.as_ref().is_some_and(|c| c.leader.is_some()) {
+                            break;
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        return Err(anyhow!(
+                            "the JetStream consumer on {topic} has no leader after {CONSUMER_READY_TIMEOUT:?}: {:?}",
+                            info.map(|i| i.cluster)
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(PULL_BATCH_MESSAGES)

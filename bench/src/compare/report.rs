@@ -11,6 +11,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::{Contender, Measured, ServerInfo, System};
+use crate::disk::DiskReport;
 use crate::report::{self as base, Environment};
 use crate::run::PhaseResult;
 use crate::workload::SizeSpec;
@@ -22,6 +23,13 @@ const TARGET_THROUGHPUT_X_KAFKA: f64 = 2.0;
 const TARGET_P99_FRACTION_OF_KAFKA: f64 = 0.5;
 /// The load level the p99 target is stated at, in percent.
 const TARGET_P99_LOAD_PCT: f64 = 50.0;
+/// Target (issue 3): arrowbus with 3 replicas at this fraction of the
+/// disk's fdatasync bandwidth divided by 3 (the three replicas share one
+/// disk on a one-machine cluster).
+const TARGET_R3_FRACTION_OF_DISK_SHARE: f64 = 0.80;
+/// The batch size that target is judged at: the largest, where fsync
+/// latency no longer dominates.
+const TARGET_R3_SIZE: SizeSpec = SizeSpec::Bytes(1024 * 1024);
 
 pub struct ArgsSummary {
     pub sizes: Vec<SizeSpec>,
@@ -38,6 +46,8 @@ pub struct CompareReport {
     pub contenders: Vec<Contender>,
     pub infos: Vec<(Contender, ServerInfo)>,
     pub measured: Vec<Measured>,
+    /// The disk baseline in the servers' work directory, one per repetition.
+    pub disks: Vec<DiskReport>,
     /// (row, why it was not measured).
     pub unavailable: Vec<(String, String)>,
     pub notes: Vec<String>,
@@ -86,6 +96,50 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// Throughput as a fraction of each replica's share of the disk: `replicas`
+/// copies of every byte are fdatasynced to one disk of `disk_mb_per_s`.
+pub fn disk_share_fraction(mb_per_s: f64, disk_mb_per_s: f64, replicas: usize) -> Option<f64> {
+    let share = disk_mb_per_s / replicas.max(1) as f64;
+    (share > 0.0 && mb_per_s.is_finite()).then(|| mb_per_s / share)
+}
+
+/// Acknowledged batches and what became of them, summed over every
+/// measured phase (closed loop and paced) of one contender.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accounting {
+    pub phases: usize,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    /// Acked, never delivered, in phases whose subscriber read to the end.
+    pub lost: u64,
+    /// Acked, not delivered, in phases whose subscriber failed early: not
+    /// checked (the subscriber's error is in the notes).
+    pub unchecked: u64,
+    pub reordered: u64,
+    pub duplicates: u64,
+    pub unacked: u64,
+    pub errors: u64,
+}
+
+impl Accounting {
+    pub fn add(&mut self, p: &PhaseResult) {
+        self.phases += 1;
+        self.sent += p.sent;
+        self.acked += p.acked;
+        self.delivered += p.delivered;
+        if p.subscriber_failed {
+            self.unchecked += p.lost;
+        } else {
+            self.lost += p.lost;
+        }
+        self.reordered += p.reordered;
+        self.duplicates += p.duplicates;
+        self.unacked += p.unacked_outstanding;
+        self.errors += p.errors_total;
+    }
+}
+
 fn per_gb(cpu: Option<f64>, p: &PhaseResult) -> Option<f64> {
     let gb = (p.acked * p.bytes_per_batch as u64) as f64 / 1e9;
     cpu.filter(|_| gb > 0.0).map(|c| c / gb)
@@ -95,7 +149,7 @@ impl CompareReport {
     fn phases(&self, c: Contender, size: SizeSpec, load: Option<f64>) -> Vec<&PhaseResult> {
         self.measured
             .iter()
-            .filter(|m| m.contender == c && m.size == size && m.load_pct == load)
+            .filter(|m| !m.warmup && m.contender == c && m.size == size && m.load_pct == load)
             .map(|m| &m.phase)
             .collect()
     }
@@ -158,6 +212,230 @@ impl CompareReport {
 
     fn info(&self, c: Contender) -> Option<&ServerInfo> {
         self.infos.iter().find(|(k, _)| *k == c).map(|(_, i)| i)
+    }
+
+    pub fn accounting(&self, c: Contender) -> Accounting {
+        let mut a = Accounting::default();
+        for m in self.measured.iter().filter(|m| m.contender == c) {
+            a.add(&m.phase);
+        }
+        a
+    }
+
+    /// Median over repetitions of the dd bandwidth (`oflag=direct
+    /// conv=fdatasync`) and of the 1 MiB append+fdatasync loop, MB/s.
+    pub fn disk_medians(&self) -> (Option<f64>, Option<f64>) {
+        let dd = self
+            .disks
+            .iter()
+            .filter_map(|d| d.dd.as_ref().ok().map(|r| r.mb_per_s))
+            .collect();
+        let sync = self
+            .disks
+            .iter()
+            .filter_map(|d| d.sync_1m.as_ref().ok().map(|r| r.mb_per_s))
+            .collect();
+        (median(dd), median(sync))
+    }
+
+    /// The measured arrowbus contender with `replicas`.
+    fn arrowbus(&self, replicas: usize) -> Option<Contender> {
+        self.rows()
+            .into_iter()
+            .find(|c| c.system == System::Arrowbus && c.replicas == replicas)
+    }
+
+    /// The disk baseline of every repetition.
+    fn disk_markdown(&self, s: &mut String) {
+        let Some(first) = self.disks.first() else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "## Disk baseline (the servers' work directory, at the start of each repetition)\n"
+        );
+        let fs = first.filesystem.as_ref().map_or(String::new(), |m| {
+            format!(
+                " — {} on {} (mounted at {})",
+                m.fs_type, m.source, m.mount_point
+            )
+        });
+        let _ = writeln!(s, "Directory: `{}`{fs}.", first.dir.display());
+        if let Ok(dd) = &first.dd {
+            let _ = writeln!(
+                s,
+                "dd: `{}` (sequential bandwidth with fdatasync: what the targets call the disk's fdatasync bandwidth).",
+                dd.command
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n| repetition | dd MB/s | 1 MiB append + fdatasync | 4 KiB append + fdatasync |\n|---|---:|---:|---:|"
+        );
+        let sync = |r: &Result<crate::disk::SyncResult, String>| match r {
+            Ok(x) => format!(
+                "{:.0} syncs/s, {:.1} MB/s, p50 {}",
+                x.syncs_per_s,
+                x.mb_per_s,
+                x.latency
+                    .map_or("—".into(), |l| format!("{} ms", ms(l.p50_us)))
+            ),
+            Err(e) => format!("failed: {}", one_line(e)),
+        };
+        for (i, d) in self.disks.iter().enumerate() {
+            let dd = match &d.dd {
+                Ok(x) => format!("{:.1}", x.mb_per_s),
+                Err(e) => format!("failed: {}", one_line(e)),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {dd} | {} | {} |",
+                i + 1,
+                sync(&d.sync_1m),
+                sync(&d.sync_4k)
+            );
+        }
+        let (dd, loop_1m) = self.disk_medians();
+        let _ = writeln!(s, "| median | {} | {} MB/s | |\n", opt1(dd), opt1(loop_1m));
+    }
+
+    /// arrowbus R1 against R3 side by side, read against the disk.
+    fn replication_markdown(&self, s: &mut String) {
+        let Some(r3) = self.arrowbus(3) else {
+            return;
+        };
+        let r1 = self.arrowbus(1);
+        let (dd, loop_1m) = self.disk_medians();
+        let _ = writeln!(
+            s,
+            "## arrowbus: 1 replica versus 3 replicas (fsync always)\n"
+        );
+        let _ = writeln!(
+            s,
+            "R3: three `busd` processes (`busd dev --nodes 3`) on this machine, one topic with `--replicas 3`: a batch is acked once fdatasynced on 2 of 3 nodes, and all three write it to the same disk, so the disk's bandwidth ÷ 3 is each replica's share. The three nodes and busbench share {} CPUs. Medians over repetitions; *disk share* = R3 MB/s ÷ (disk MB/s ÷ 3).\n",
+            self.env.nproc
+        );
+        let _ = writeln!(
+            s,
+            "| batch | R1 MB/s | R3 MB/s | R3 / R1 | R3 share of dd ÷ 3 | R3 share of 1 MiB fdatasync loop ÷ 3 |\n|---|---:|---:|---:|---:|---:|"
+        );
+        let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.0} %", v * 100.0));
+        for z in &self.args.sizes {
+            let a = r1.and_then(|c| self.max_stat(c, *z));
+            let b = self.max_stat(r3, *z);
+            let b_mb = b.map(|m| m.mb_per_s);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                z.label(),
+                opt1(a.map(|m| m.mb_per_s)),
+                opt1(b_mb),
+                a.zip(b).map_or("—".into(), |(a, b)| format!(
+                    "{:.2}",
+                    b.mb_per_s / a.mb_per_s
+                )),
+                pct(b_mb.zip(dd).and_then(|(m, d)| disk_share_fraction(m, d, 3))),
+                pct(b_mb
+                    .zip(loop_1m)
+                    .and_then(|(m, d)| disk_share_fraction(m, d, 3))),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nPublish→deliver p50 / p99 / p99.9 (ms) at a fixed fraction of each one's own maximum:\n"
+        );
+        let _ = writeln!(s, "| batch | load | R1 | R3 |\n|---|---:|---:|---:|");
+        let cell = |l: Option<LatStat>| {
+            l.map_or("—".into(), |l| {
+                format!(
+                    "{} / {} / {} @{:.0}/s",
+                    ms(l.p50_us),
+                    ms(l.p99_us),
+                    ms(l.p999_us),
+                    l.offered
+                )
+            })
+        };
+        for z in &self.args.sizes {
+            for &load in &self.args.load {
+                let _ = writeln!(
+                    s,
+                    "| {} | {load:.0} % | {} | {} |",
+                    z.label(),
+                    cell(r1.and_then(|c| self.lat_stat(c, *z, load))),
+                    cell(self.lat_stat(r3, *z, load))
+                );
+            }
+        }
+        s.push('\n');
+    }
+
+    /// Issue 3's target: R3 throughput against the disk's fdatasync
+    /// bandwidth ÷ 3, judged at 1 MiB batches (the largest size measured
+    /// when 1 MiB was not).
+    fn disk_share_target(&self) -> Option<(String, String, String)> {
+        let r3 = self.arrowbus(3)?;
+        let z = if self.args.sizes.contains(&TARGET_R3_SIZE) {
+            TARGET_R3_SIZE
+        } else {
+            *self.args.sizes.last()?
+        };
+        let m = self.max_stat(r3, z)?;
+        let t = format!(
+            "arrowbus R3 throughput ≥ {:.0} % of the disk's fdatasync bandwidth ÷ 3 ({} batches)",
+            TARGET_R3_FRACTION_OF_DISK_SHARE * 100.0,
+            z.label()
+        );
+        let (dd, loop_1m) = self.disk_medians();
+        let Some(dd) = dd else {
+            return Some((
+                t,
+                format!("{:.1} MB/s; no disk baseline in this run", m.mb_per_s),
+                "not judged".into(),
+            ));
+        };
+        let frac = disk_share_fraction(m.mb_per_s, dd, 3)?;
+        let vs_loop = loop_1m
+            .and_then(|l| disk_share_fraction(m.mb_per_s, l, 3).map(|f| (l, f)))
+            .map_or(String::new(), |(l, f)| {
+                format!(
+                    "; {:.0} % of the 1 MiB append+fdatasync loop's {l:.1} MB/s ÷ 3",
+                    f * 100.0
+                )
+            });
+        Some((
+            t,
+            format!(
+                "{:.1} MB/s = {:.0} % of dd's {dd:.1} MB/s ÷ 3 = {:.1} MB/s (target {:.1} MB/s){vs_loop}",
+                m.mb_per_s,
+                frac * 100.0,
+                dd / 3.0,
+                dd / 3.0 * TARGET_R3_FRACTION_OF_DISK_SHARE
+            ),
+            verdict(frac >= TARGET_R3_FRACTION_OF_DISK_SHARE),
+        ))
+    }
+
+    fn systems_title(&self) -> String {
+        let mut names: Vec<&str> = Vec::new();
+        for c in &self.contenders {
+            let n = match c.system {
+                System::Arrowbus => "arrowbus",
+                System::Kafka => "Apache Kafka",
+                System::Nats => "NATS JetStream",
+                System::Redis => "Redis Streams",
+            };
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let mut reps: Vec<String> = self
+            .contenders
+            .iter()
+            .map(|c| format!("R{}", c.replicas))
+            .collect();
+        reps.dedup();
+        format!("{} ({})", names.join(", "), reps.join(", "))
     }
 
     /// Write `<stem>.md`, `<stem>.json` and, when `python` has matplotlib,
@@ -230,10 +508,7 @@ impl CompareReport {
         let mut s = String::new();
         let e = &self.env;
         let a = &self.args;
-        let _ = writeln!(
-            s,
-            "# busbench compare: arrowbus, Apache Kafka, NATS JetStream, Redis Streams\n"
-        );
+        let _ = writeln!(s, "# busbench compare: {}\n", self.systems_title());
         let _ = writeln!(s, "```\n{}\n```\n", e.command_line);
         let _ = writeln!(s, "| | |\n|---|---|");
         let _ = writeln!(s, "| date (UTC) | {} |", e.date_utc);
@@ -266,22 +541,26 @@ impl CompareReport {
         let _ = writeln!(s, "## Systems and durability\n");
         let _ = writeln!(
             s,
-            "| system | version | when the ack is sent |\n|---|---|---|"
+            "| system | version | when the ack is sent | load average when it started, per repetition |\n|---|---|---|---|"
         );
         for c in &self.rows() {
             let v = self.info(*c).map_or("—".into(), |i| i.version.clone());
+            let loads = self.info(*c).map_or("—".into(), |i| i.loads.join("; "));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} |",
+                "| {} | {} | {} | {loads} |",
                 c.label(),
                 one_line(&v),
                 c.durability()
             );
         }
         for (row, why) in &self.unavailable {
-            let _ = writeln!(s, "| {row} | — | {why} |");
+            let _ = writeln!(s, "| {row} | — | {why} | |");
         }
         s.push('\n');
+
+        self.disk_markdown(&mut s);
+        self.replication_markdown(&mut s);
 
         // Summary table: MB/s by size.
         let _ = writeln!(
@@ -427,6 +706,36 @@ impl CompareReport {
             s.push('\n');
         }
 
+        // Acknowledged batches.
+        let _ = writeln!(s, "## Acknowledged batches: none lost?\n");
+        let _ = writeln!(
+            s,
+            "Every phase (warm-up, closed loop and paced), summed over repetitions. *lost*: acknowledged, never delivered to the subscriber reading the topic from its start; *out of order*: delivered after a batch published later (one partition, one producer: the log order is the publish order).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| system | phases | sent | acked | delivered | lost | not checked (subscriber failed) | out of order | duplicates | unacked at the end | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in &self.rows() {
+            let x = self.accounting(*c);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} | {} |",
+                c.label(),
+                x.phases,
+                x.sent,
+                x.acked,
+                x.delivered,
+                x.lost,
+                x.unchecked,
+                x.reordered,
+                x.duplicates,
+                x.unacked,
+                x.errors
+            );
+        }
+        s.push('\n');
+
         // Server memory.
         let _ = writeln!(s, "## Server memory\n");
         let _ = writeln!(s, "| system | largest summed RSS of the server processes over a run (median of repetitions) |\n|---|---:|");
@@ -486,6 +795,9 @@ impl CompareReport {
     /// (target, measured, verdict).
     pub fn targets(&self) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
+        if let Some(t) = self.disk_share_target() {
+            out.push(t);
+        }
         let find = |sys: System, strong: bool, r: usize| {
             self.contenders
                 .iter()
@@ -676,10 +988,19 @@ impl CompareReport {
                        "stops": i.map(|i| i.stops.clone())})
             }).collect::<Vec<_>>(),
             "unavailable": self.unavailable.iter().map(|(r, w)| json!({"system": r, "why": w})).collect::<Vec<_>>(),
+            "disk": self.disks.iter().map(base::disk_json).collect::<Vec<_>>(),
+            "disk_median_mb_per_s": {"dd_direct_fdatasync": self.disk_medians().0, "append_fdatasync_1m": self.disk_medians().1},
+            "accounting": self.rows().iter().map(|c| {
+                let x = self.accounting(*c);
+                json!({"system": c.label(), "phases": x.phases, "sent": x.sent, "acked": x.acked,
+                       "delivered": x.delivered, "lost": x.lost, "unchecked_subscriber_failed": x.unchecked, "reordered": x.reordered,
+                       "duplicates": x.duplicates, "unacked": x.unacked, "errors": x.errors})
+            }).collect::<Vec<_>>(),
+            "loads": self.rows().iter().map(|c| json!({"system": c.label(), "loadavg_at_start": self.info(*c).map(|i| i.loads.clone())})).collect::<Vec<_>>(),
             "summary": summary,
             "targets": self.targets().into_iter().map(|(t, m, v)| json!({"target": t, "measured": m, "verdict": v})).collect::<Vec<_>>(),
             "phases": self.measured.iter().map(|m| json!({
-                "system": m.contender.label(), "rep": m.rep + 1, "load_pct": m.load_pct,
+                "system": m.contender.label(), "rep": m.rep + 1, "load_pct": m.load_pct, "warmup": m.warmup,
                 "phase": base::phase_json(&m.phase),
             })).collect::<Vec<_>>(),
             "notes": self.notes,
@@ -749,6 +1070,68 @@ mod tests {
         assert_eq!(median(vec![5.0, 1.0, 3.0]), Some(3.0));
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(vec![f64::NAN, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn disk_share() {
+        // 150 MB/s on a 1500 MB/s disk shared by 3 replicas: 30 % of 500.
+        let f = disk_share_fraction(150.0, 1500.0, 3).map(|f| (f * 1000.0).round());
+        assert_eq!(f, Some(300.0));
+        assert_eq!(disk_share_fraction(400.0, 1500.0, 3), Some(0.8));
+        assert_eq!(disk_share_fraction(100.0, 0.0, 3), None);
+        assert_eq!(disk_share_fraction(100.0, 200.0, 1), Some(0.5));
+    }
+
+    #[test]
+    fn accounting_sums_phases() {
+        let mut p = PhaseResult {
+            name: "x".into(),
+            size_label: "1 row".into(),
+            rows_per_batch: 1,
+            bytes_per_batch: 1088,
+            partitions: 1,
+            offered_rate: None,
+            sent: 10,
+            acked: 9,
+            delivered: 8,
+            duplicates: 1,
+            reordered: 2,
+            lost: 1,
+            subscriber_failed: false,
+            unacked_outstanding: 1,
+            errors_total: 3,
+            errors: Vec::new(),
+            send_secs: 1.0,
+            ack_secs: 1.0,
+            deliver_secs: 1.0,
+            send_lag: None,
+            ack_latency: None,
+            e2e_latency: None,
+            broker_rss_max_kb: None,
+            broker_cpu_s: None,
+            client_cpu_s: None,
+            wall_secs: 1.0,
+        };
+        let mut a = Accounting::default();
+        a.add(&p);
+        p.subscriber_failed = true;
+        p.lost = 5;
+        a.add(&p);
+        assert_eq!(
+            a,
+            Accounting {
+                phases: 2,
+                sent: 20,
+                acked: 18,
+                delivered: 16,
+                lost: 1,
+                unchecked: 5,
+                reordered: 4,
+                duplicates: 2,
+                unacked: 2,
+                errors: 6,
+            }
+        );
     }
 
     #[test]

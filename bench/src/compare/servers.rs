@@ -117,12 +117,23 @@ impl Servers {
     }
 
     fn spawn(&mut self, program: &Path, args: &[String], log_name: &str) -> anyhow::Result<()> {
+        self.spawn_env(program, args, log_name, &[])
+    }
+
+    fn spawn_env(
+        &mut self,
+        program: &Path,
+        args: &[String],
+        log_name: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         let log = self.dir.path().join(log_name);
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating a log handle")?;
         let command = format!("{} {}", program.display(), args.join(" "));
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(out)
@@ -412,8 +423,8 @@ pub struct NotAvailable(pub String);
 /// A three-node arrowbus: `busd dev --nodes 3 --data-dir D --listen ADDR`
 /// starts three local busd processes on ADDR's port and the next two and
 /// writes a profile listing all of them; topics are then created with
-/// replication factor 3. Until `busd dev` has `--nodes` (replication is
-/// being built), this reports "not available in this build".
+/// replication factor 3. A busd without `--nodes` (before replication) is
+/// reported as "not available in this build".
 pub fn start_arrowbus_cluster(
     busd: &Path,
     base: &Path,
@@ -441,7 +452,15 @@ pub fn start_arrowbus_cluster(
         "--profile".into(),
         profile.display().to_string(),
     ];
-    s.spawn(busd, &args, "busd.log")?;
+    s.spawn_env(
+        busd,
+        &args,
+        "busd.log",
+        &[(
+            "ARROWBUS_LOG",
+            std::env::var("ARROWBUS_LOG").unwrap_or_else(|_| "warn".into()),
+        )],
+    )?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     while !profile.exists() {
         if let Some(status) = s.children[0].try_wait().context("polling busd")? {
