@@ -548,7 +548,7 @@ fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathB
         }
         if let Ok(Some(status)) = child.try_wait() {
             break Err(anyhow::anyhow!(
-                "`busd dev --nodes {}` exited with {status}: this busd has no multi-node dev cluster yet (issue 3); see {}",
+                "`busd dev --nodes {}` exited with {status}: see {}",
                 cfg.nodes,
                 boot.join("busd.log").display()
             ));
