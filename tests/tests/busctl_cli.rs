@@ -187,6 +187,7 @@ fn topics_create_list_describe_delete_in_table_and_json() {
             "LEADER",
             "REPLICAS",
             "IN-SYNC",
+            "MOVING-TO",
             "EARLIEST",
             "LATEST",
             "ROWS",
