@@ -27,6 +27,30 @@ fn busctl(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `busctl cluster remove-node ID` must succeed and report the node gone;
+/// its JSON answer.
+fn remove_node(cluster: &Cluster, id: u64) -> Value {
+    let (code, out, err) = busctl(
+        cluster,
+        &[
+            "--output",
+            "json",
+            "cluster",
+            "remove-node",
+            &id.to_string(),
+        ],
+    );
+    assert_eq!(
+        code,
+        0,
+        "remove-node {id} failed: {err}\n{}",
+        cluster.logs()
+    );
+    let change = json(&out);
+    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    change
+}
+
 fn json(stdout: &str) -> Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("busctl JSON {stdout:?}: {e}"))
 }
@@ -147,13 +171,7 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
 
     // Node 1 leaves: it created the controller and is a replica of every
     // partition it had, some of which it leads.
-    let (code, out, err) = busctl(
-        &cluster,
-        &["--output", "json", "cluster", "remove-node", "1"],
-    );
-    assert_eq!(code, 0, "remove-node failed: {err}\n{}", cluster.logs());
-    let change = json(&out);
-    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    remove_node(&cluster, 1);
     let info = client
         .admin()
         .describe_topic("ticks")
@@ -274,13 +292,7 @@ async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
     let (mut cluster, client, mut load) = loaded_cluster(4).await;
     // Node 2 crashes for good; the operator removes it.
     cluster.kill9(2);
-    let (code, out, err) = busctl(
-        &cluster,
-        &["--output", "json", "cluster", "remove-node", "2"],
-    );
-    assert_eq!(code, 0, "remove-node failed: {err}\n{}", cluster.logs());
-    let change = json(&out);
-    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    let change = remove_node(&cluster, 2);
     // Node 2 held 3 of the 12 replicas; each moved to the one node of 1, 3,
     // 4 that did not hold the partition yet.
     let moves = change["moves"]
