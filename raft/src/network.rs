@@ -1041,7 +1041,7 @@ async fn run_pinger(q: Arc<Quiescer>, registry: Weak<GroupRegistry>, pool: Arc<P
         for (id, g) in round.probes {
             let q = q.clone();
             tokio::spawn(async move {
-                if !g.probe(q.config().lease).await {
+                if !g.probe(q.config().probe_timeout).await {
                     q.probe_failed(id, &*g, tokio::time::Instant::now());
                 }
             });

@@ -34,9 +34,9 @@
 //! after a rank-staggered delay: openraft then finds the election timeout
 //! long passed and campaigns (pre-vote first). The stagger, like openraft's
 //! randomized timeout, keeps the surviving replicas from splitting the vote.
-//! A leader wakes when a voter answers anything but `Quiet`, restarts, or a
-//! majority stops answering, and when its own Raft core stops answering a
-//! probe (a hung core must not keep claiming).
+//! A leader wakes when a voter answers anything but `Quiet` or restarts, and
+//! when its own Raft core stops answering a probe for seconds (a hung core
+//! must not keep claiming).
 //!
 //! Writes: openraft 0.10 refuses a write on a leader whose quorum lease ran
 //! out, which a quiet leader's has. Whoever proposes to a partition calls
@@ -134,13 +134,20 @@ pub struct QuietConfig {
     /// A claim holds for this long; a peer unheard for this long counts as
     /// gone (the election timeout maximum, openraft's leader lease).
     pub lease: Duration,
-    /// Extra delay per successor rank when a quiet leader is gone (the
-    /// width of the election timeout range).
+    /// How long after its lease ran out the first successor of a quiet
+    /// leader campaigns (the election timeout minimum), and the extra delay
+    /// per further rank (the width of the election timeout range): like
+    /// openraft's randomized timeout after its lease, a successor campaigns
+    /// 750–1000 ms after the last word from its leader.
+    pub wake_base: Duration,
     pub stagger: Duration,
     /// How long a led group must stay unchanged before it is asked quiet.
     pub idle_before: Duration,
-    /// How often a quiet leader's Raft core is probed.
+    /// How often a quiet leader's Raft core is probed, and how long it may
+    /// take to answer. Generous: a core that is only slow (a loaded node)
+    /// must not give up its groups; one that hangs does within seconds.
     pub probe_every: Duration,
+    pub probe_timeout: Duration,
 }
 
 impl QuietConfig {
@@ -153,9 +160,11 @@ impl QuietConfig {
         Self {
             ping_every: heartbeat,
             lease: election_max,
+            wake_base: election_min.max(heartbeat * 2),
             stagger: election_max.saturating_sub(election_min),
             idle_before,
-            probe_every: (election_max * 2).max(Duration::from_secs(1)),
+            probe_every: (election_max * 4).max(Duration::from_secs(2)),
+            probe_timeout: (election_max * 4).max(Duration::from_secs(2)),
         }
     }
 
@@ -163,13 +172,6 @@ impl QuietConfig {
     pub fn max_in_flight(&self) -> usize {
         let n = self.lease.as_millis() / self.ping_every.as_millis().max(1);
         usize::try_from(n).unwrap_or(usize::MAX).max(1)
-    }
-
-    /// Delay before the first successor wakes after a lease ran out: the
-    /// other replicas got their last claim up to one ping interval later
-    /// (plus delivery), and they refuse votes until their lease ends too.
-    fn wake_base(&self) -> Duration {
-        self.ping_every * 2
     }
 }
 
@@ -394,14 +396,12 @@ impl Quiescer {
                     }
                 }
                 Phase::QuietLeader { probed, .. } => {
-                    if !self.majority_heard(&inner.peers, &st.members, now) {
-                        g.set_ticking(true);
-                        st.phase = Phase::Active {
-                            fp,
-                            since: now,
-                            shield: None,
-                        };
-                    } else if now.duration_since(*probed) >= self.cfg.probe_every {
+                    // A leader that stops hearing its voters stays quiet
+                    // (waking every group of a starved node at once only
+                    // adds load); it stops refusing votes, and if the
+                    // others elected meanwhile, their answers to its claims
+                    // (or its next write) wake it into the higher term.
+                    if now.duration_since(*probed) >= self.cfg.probe_every {
                         *probed = now;
                         probes.push((*id, g.clone()));
                     }
@@ -876,7 +876,10 @@ impl Quiescer {
         let n = candidates.len().max(1);
         let at = candidates.iter().position(|v| *v == self.me).unwrap_or(0);
         let rank = (at + n - (rotation(group) % n)) % n;
-        self.cfg.wake_base() + self.cfg.stagger * rank as u32
+        // The other replicas got their last claim up to one ping interval
+        // later (plus delivery) and refuse votes until their lease ends
+        // too: the base (at least two intervals) covers that.
+        self.cfg.wake_base + self.cfg.stagger * rank as u32
     }
 
     fn is_heard(&self, peers: &BTreeMap<NodeId, Peer>, id: NodeId, now: Instant) -> bool {
