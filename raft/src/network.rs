@@ -1038,6 +1038,13 @@ async fn run_pinger(q: Arc<Quiescer>, registry: Weak<GroupRegistry>, pool: Arc<P
                 );
             });
         }
+        for (id, g, at) in round.wakes {
+            let q = q.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                q.wake_due(id, &*g, at, tokio::time::Instant::now());
+            });
+        }
         for (id, g) in round.probes {
             let q = q.clone();
             tokio::spawn(async move {

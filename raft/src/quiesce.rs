@@ -148,6 +148,9 @@ pub struct QuietConfig {
     /// must not give up its groups; one that hangs does within seconds.
     pub probe_every: Duration,
     pub probe_timeout: Duration,
+    /// How often a quiet replica's Raft state is read (see
+    /// [`Quiescer::round`]).
+    pub quiet_poll: Duration,
 }
 
 impl QuietConfig {
@@ -165,6 +168,7 @@ impl QuietConfig {
             idle_before,
             probe_every: (election_max * 4).max(Duration::from_secs(2)),
             probe_timeout: (election_max * 4).max(Duration::from_secs(2)),
+            quiet_poll: heartbeat * 5,
         }
     }
 
@@ -229,6 +233,8 @@ struct GroupState {
     phase: Phase,
     members: Members,
     members_of: Option<Option<WireLogId>>,
+    /// When its state was last read.
+    polled: Instant,
 }
 
 #[derive(Default)]
@@ -275,10 +281,12 @@ pub struct OutPing {
     pub ping: Ping,
 }
 
-/// One interval's work: pings to send, quiet leaders' cores to probe.
+/// One interval's work: pings to send, quiet leaders' cores to probe, and
+/// timers to restart at a given time (see [`Quiescer::wake_due`]).
 pub struct Round {
     pub pings: Vec<OutPing>,
     pub probes: Vec<(u64, Arc<dyn GroupRpc>)>,
+    pub wakes: Vec<(u64, Arc<dyn GroupRpc>, Instant)>,
 }
 
 /// The node's quiescer: one per node, shared by every group (it lives in
@@ -337,8 +345,39 @@ impl Quiescer {
         let mut members_changed = inner.groups.len() != before;
 
         let mut probes = Vec::new();
+        let mut wakes = Vec::new();
         let mut woke_for_lease: BTreeMap<NodeId, usize> = BTreeMap::new();
         for (id, g) in groups {
+            // A quiet replica's state is read every `quiet_poll` only (the
+            // reads are most of what a quiet group costs): a change there
+            // only restarts a timer that nothing is waiting for (a write
+            // wakes its leader through `wake_for_write`; a vote or append
+            // renewed the openraft lease it changed), and vote refusals
+            // read the state afresh.
+            let due = match inner.groups.get(id) {
+                Some(st) if st.phase.is_quiet() => {
+                    now.duration_since(st.polled) >= self.cfg.quiet_poll
+                }
+                _ => true,
+            };
+            if !due {
+                let Some(st) = inner.groups.get_mut(id) else {
+                    continue;
+                };
+                let fp = *st.phase.fp();
+                self.quiet_timers(
+                    *id,
+                    g,
+                    st,
+                    fp,
+                    now,
+                    &inner.peers,
+                    &mut probes,
+                    &mut wakes,
+                    &mut woke_for_lease,
+                );
+                continue;
+            }
             let status = g.status();
             let fp = Fingerprint::of(&status);
             let st = inner.groups.entry(*id).or_insert_with(|| GroupState {
@@ -349,7 +388,9 @@ impl Quiescer {
                 },
                 members: Members::default(),
                 members_of: None,
+                polled: now,
             });
+            st.polled = now;
             if st.members_of != Some(status.membership) {
                 st.members = g.members();
                 st.members_of = Some(status.membership);
@@ -395,27 +436,21 @@ impl Quiescer {
                         };
                     }
                 }
-                Phase::QuietLeader { probed, .. } => {
-                    // A leader that stops hearing its voters stays quiet
-                    // (waking every group of a starved node at once only
-                    // adds load); it stops refusing votes, and if the
-                    // others elected meanwhile, their answers to its claims
-                    // (or its next write) wake it into the higher term.
-                    if now.duration_since(*probed) >= self.cfg.probe_every {
-                        *probed = now;
-                        probes.push((*id, g.clone()));
-                    }
+                Phase::QuietLeader { .. } | Phase::QuietFollower { .. } => {
+                    self.quiet_timers(
+                        *id,
+                        g,
+                        st,
+                        fp,
+                        now,
+                        &inner.peers,
+                        &mut probes,
+                        &mut wakes,
+                        &mut woke_for_lease,
+                    );
                 }
-                Phase::QuietFollower {
-                    leader, claimed, ..
-                } => {
-                    if now.duration_since(*claimed) > self.cfg.lease {
-                        let leader = *leader;
-                        *woke_for_lease.entry(leader).or_default() += 1;
-                        let at = now + self.wake_delay(*id, leader, &st.members, &inner.peers, now);
-                        st.phase = Phase::Waking { fp, at };
-                    }
-                }
+                // (Normally restarted on time by `wake_due`; this catches
+                // wakes scheduled outside a round, e.g. a leader restart.)
                 Phase::Waking { at, .. } => {
                     if now >= *at {
                         g.set_ticking(true);
@@ -522,7 +557,56 @@ impl Quiescer {
             inner.logged = c;
             inner.logged_at = Some(now);
         }
-        Round { pings, probes }
+        Round {
+            pings,
+            probes,
+            wakes,
+        }
+    }
+
+    /// A quiet group's timers: a quiet leader's core probe, a quiet
+    /// follower's lease.
+    #[allow(clippy::too_many_arguments)]
+    fn quiet_timers(
+        &self,
+        id: u64,
+        g: &Arc<dyn GroupRpc>,
+        st: &mut GroupState,
+        fp: Fingerprint,
+        now: Instant,
+        peers: &BTreeMap<NodeId, Peer>,
+        probes: &mut Vec<(u64, Arc<dyn GroupRpc>)>,
+        wakes: &mut Vec<(u64, Arc<dyn GroupRpc>, Instant)>,
+        woke_for_lease: &mut BTreeMap<NodeId, usize>,
+    ) {
+        // A leader that stops hearing its voters stays quiet (waking every
+        // group of a starved node at once only adds load); it stops
+        // refusing votes, and if the others elected meanwhile, their
+        // answers to its claims (or its next write) wake it into the higher
+        // term.
+        match &mut st.phase {
+            Phase::QuietLeader { probed, .. }
+                if now.duration_since(*probed) >= self.cfg.probe_every =>
+            {
+                *probed = now;
+                probes.push((id, g.clone()));
+            }
+            Phase::QuietFollower {
+                leader, claimed, ..
+            } if now.duration_since(*claimed) > self.cfg.lease => {
+                let leader = *leader;
+                *woke_for_lease.entry(leader).or_default() += 1;
+                // Counted from the last claim, like openraft's timeout from
+                // the last heartbeat, and restarted on time by the pinger,
+                // not at a later round.
+                let at = *claimed
+                    + self.cfg.lease
+                    + self.wake_delay(id, leader, &st.members, peers, now);
+                st.phase = Phase::Waking { fp, at };
+                wakes.push((id, g.clone(), at));
+            }
+            _ => {}
+        }
     }
 
     /// A ping's answer (`None`: it failed or timed out).
@@ -606,6 +690,33 @@ impl Quiescer {
         };
         let mut answers = Vec::with_capacity(ping.claims.len());
         for claim in &ping.claims {
+            // Already quiet exactly as claimed: renew without reading the
+            // replica (the rounds read it every `quiet_poll`; vote refusals
+            // read it afresh).
+            if let Some(GroupState {
+                phase:
+                    Phase::QuietFollower {
+                        fp,
+                        leader,
+                        incarnation,
+                        claimed,
+                    },
+                ..
+            }) = inner.groups.get_mut(&claim.group)
+            {
+                if *leader == from
+                    && *incarnation == ping.incarnation
+                    && fp.vote == claim.vote
+                    && fp.committed == Some(claim.committed)
+                    && fp.last == Some(claim.committed.index)
+                {
+                    if fresh {
+                        *claimed = now;
+                    }
+                    answers.push(QuietAnswer::Quiet);
+                    continue;
+                }
+            }
             let Some(g) = groups(claim.group) else {
                 answers.push(QuietAnswer::NotHosted);
                 continue;
@@ -629,6 +740,7 @@ impl Quiescer {
                     },
                     members: Members::default(),
                     members_of: None,
+                    polled: now,
                 });
             if !fresh {
                 let quiet_as_claimed = matches!(
@@ -736,6 +848,25 @@ impl Quiescer {
             vote_granted: false,
             last_log_id: status.committed,
         })
+    }
+
+    /// Time has come for a waking group (scheduled at `at` by a round):
+    /// restart its timer, unless something else happened to it meanwhile.
+    pub fn wake_due(&self, group: u64, g: &dyn GroupRpc, at: Instant, now: Instant) {
+        let mut inner = lock(&self.inner);
+        let Some(st) = inner.groups.get_mut(&group) else {
+            return;
+        };
+        if let Phase::Waking { fp, at: due } = st.phase {
+            if due == at {
+                g.set_ticking(true);
+                st.phase = Phase::Active {
+                    fp,
+                    since: now,
+                    shield: None,
+                };
+            }
+        }
     }
 
     /// A write is about to be proposed to `group` (see

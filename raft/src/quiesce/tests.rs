@@ -403,34 +403,46 @@ fn quiet_all(l: &Node, a: &Node, b: &Node, t0: Instant) -> Instant {
 fn when_the_leader_goes_silent_the_followers_wake_one_after_the_other() {
     let (l, a, b) = leader_and_followers();
     let t = quiet_all(&l, &a, &b, Instant::now());
-    // Node 1 dies: 2 and 3 keep pinging each other.
+    // Node 1 dies: 2 and 3 keep pinging each other, every 100 ms, and
+    // restart timers when a round says so (as the pinger does).
     let mut woke: BTreeMap<NodeId, Instant> = BTreeMap::new();
+    let mut due: Vec<(NodeId, Instant)> = Vec::new();
     let mut now = t;
     while now < t + MS * 2000 {
         for (n, id) in [(&a, 2), (&b, 3)] {
-            let r = n.round(now);
-            exchange(n, id, r, &[(&a, 2), (&b, 3)], now);
+            if now.duration_since(t).as_millis().is_multiple_of(100) {
+                let r = n.round(now);
+                for (g, _, at) in &r.wakes {
+                    assert_eq!(*g, 7);
+                    due.push((id, *at));
+                }
+                exchange(
+                    n,
+                    id,
+                    Round { wakes: vec![], ..r },
+                    &[(&a, 2), (&b, 3)],
+                    now,
+                );
+            }
+            for (_, at) in due.iter().filter(|(d, at)| *d == id && *at <= now) {
+                n.q.wake_due(7, &*n.groups[&7], *at, now);
+            }
             if n.groups[&7].ticking() {
                 woke.entry(id).or_insert(now);
             }
         }
         now += MS * 10;
     }
+    // Scheduled from the last claim (t - 100 ms): lease 500 ms, then 250 ms
+    // (the election timeout minimum), the other rank 250 ms later.
+    due.sort_by_key(|(_, at)| *at);
+    let at: Vec<Duration> = due.iter().map(|(_, at)| at.duration_since(t)).collect();
+    assert_eq!(at, vec![MS * 650, MS * 900], "{due:?}");
     let first = woke.values().min().copied().unwrap();
     let last = woke.values().max().copied().unwrap();
     assert_eq!(woke.len(), 2, "both survivors restart their timers");
-    // The last claim came at t - 100 ms: lease 500 ms, then 250 ms (the
-    // election timeout minimum), then one rank apart (250 ms).
-    let after = first.duration_since(t);
-    assert!(
-        after >= MS * 600 && after <= MS * 800,
-        "first woke {after:?} after the last round"
-    );
-    let gap = last.duration_since(first);
-    assert!(
-        gap >= MS * 240 && gap <= MS * 260,
-        "second woke {gap:?} after the first"
-    );
+    assert_eq!(first.duration_since(t), MS * 650, "restarted on time");
+    assert_eq!(last.duration_since(first), MS * 250);
     // Once awake, neither refuses the other's vote.
     for (n, other) in [(&a, 3), (&b, 2)] {
         assert!(n
@@ -438,6 +450,26 @@ fn when_the_leader_goes_silent_the_followers_wake_one_after_the_other() {
             .refuses_vote(other, 7, &*n.groups[&7], false, now)
             .is_none());
     }
+}
+
+#[test]
+fn a_scheduled_wake_is_void_once_the_group_moved_on() {
+    let (l, a, b) = leader_and_followers();
+    let t = quiet_all(&l, &a, &b, Instant::now());
+    // Node 1's claims stop; node 2's lease runs out.
+    let r = a.round(t + MS * 450);
+    assert_eq!(r.wakes.len(), 1);
+    let at = r.wakes[0].2;
+    assert_eq!(a.q.quiet(7), Quiet::Waking);
+    // Meanwhile node 3 won an election and node 2 voted for it.
+    a.groups[&7].edit(|s| s.vote = vote(4, 3));
+    a.round(t + MS * 500);
+    assert_eq!(a.q.quiet(7), Quiet::No);
+    assert!(a.groups[&7].ticking());
+    // The stale wake changes nothing (a later park would stay parked).
+    a.groups[&7].set_ticking(false);
+    a.q.wake_due(7, &*a.groups[&7], at, at);
+    assert!(!a.groups[&7].ticking());
 }
 
 #[test]
@@ -493,28 +525,42 @@ fn quiet_replicas_refuse_votes_only_while_the_lease_holds() {
 }
 
 #[test]
-fn any_change_wakes_a_quiet_replica_at_once() {
+fn any_change_wakes_a_quiet_replica_within_a_poll() {
     let (l, a, b) = leader_and_followers();
     let t = quiet_all(&l, &a, &b, Instant::now());
-    // A write: the leader's log grows, then the followers'.
-    l.groups[&7].edit(|s| s.last_log_index = Some(10));
+    // Say the leader stepped down (a vote came in): quiet replicas are read
+    // every 500 ms (a write does not wait for that: `wake_for_write`).
+    l.groups[&7].edit(|s| {
+        s.role = Role::Follower;
+        s.vote = vote(4, 3);
+    });
     l.round(t);
-    assert!(l.groups[&7].ticking());
+    assert_eq!(l.q.quiet(7), Quiet::Leader, "not read again yet");
+    l.round(t + MS * 400);
     assert_eq!(l.q.quiet(7), Quiet::No);
-    a.groups[&7].edit(|s| s.last_log_index = Some(10));
-    a.round(t);
+    assert!(l.groups[&7].ticking());
+    // A follower that took the new leader's entries.
+    a.groups[&7].edit(|s| {
+        s.vote = vote(4, 3);
+        s.last_log_index = Some(10);
+    });
+    // Until it is read, a stale claim may renew its quiet phase, but it
+    // refuses no vote: refusals read the replica afresh.
+    let stale = |seq| Ping {
+        incarnation: 11,
+        seq,
+        claims: vec![claim(7, 1)],
+    };
+    assert_eq!(
+        a.on_ping(1, &stale(1000), t).answers,
+        vec![QuietAnswer::Quiet]
+    );
+    assert!(a.q.refuses_vote(3, 7, &*a.groups[&7], false, t).is_none());
+    a.round(t + MS * 400);
     assert!(a.groups[&7].ticking());
     assert_eq!(a.q.quiet(7), Quiet::No);
-    // A stale claim (sent before the write) does not quiet it again.
-    let pong = a.on_ping(
-        1,
-        &Ping {
-            incarnation: 11,
-            seq: 1000,
-            claims: vec![claim(7, 1)],
-        },
-        t,
-    );
+    // Once read, a stale claim does not quiet it again.
+    let pong = a.on_ping(1, &stale(1001), t + MS * 400);
     assert_eq!(pong.answers, vec![QuietAnswer::Differs]);
     assert!(a.groups[&7].ticking());
 }
@@ -613,9 +659,11 @@ fn the_controller_group_never_goes_quiet() {
 fn a_quiet_leader_wakes_when_a_voter_differs_or_its_core_hangs() {
     let (l, a, b) = leader_and_followers();
     let t = quiet_all(&l, &a, &b, Instant::now());
-    // Node 3 dropped the group (say it was deleted there first).
+    // Node 3 dropped the group (say it was deleted there first); its next
+    // round forgets it.
     let mut b = b;
     b.groups.clear();
+    b.round(t);
     let r = l.round(t);
     exchange(&l, 1, r, &[(&a, 2), (&b, 3)], t);
     assert_eq!(l.q.quiet(7), Quiet::No);
