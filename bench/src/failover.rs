@@ -6,6 +6,11 @@
 //! killed node is restarted (`busd run` on its config) and given time to
 //! catch up before the next kill. At the end every acknowledged batch is
 //! read back and checked to be where its ack said.
+//!
+//! With `--pause-before-kill D` the publisher stops D before each kill and
+//! resumes at the kill: the partition is idle when its leader dies (quiet,
+//! see `arrowbus_raft::quiesce`, when D exceeds `quiesce_after_idle_ms`),
+//! so the sample covers the election of an idle group's successor.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +43,10 @@ pub struct FailoverArgs {
     /// Where to write the markdown report (default: print only).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Stop publishing this long before each kill (resume at the kill):
+    /// the leader dies while its partition is idle. 0: publish throughout.
+    #[arg(long, value_parser = crate::latency::parse_duration, default_value = "0s")]
+    pub pause_before_kill: Duration,
 }
 
 /// One acknowledgement as the publisher saw it.
@@ -69,13 +78,24 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     // Publisher: sequential publishes, each ack's time and offset recorded.
     let acks: Arc<Mutex<Vec<AckSeen>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
-        let (client, acks, stop, template) = (client.clone(), acks.clone(), stop.clone(), template);
+        let (client, acks, stop, paused, template) = (
+            client.clone(),
+            acks.clone(),
+            stop.clone(),
+            paused.clone(),
+            template,
+        );
         tokio::spawn(async move {
             let producer = client.producer();
             let mut seq = 0u64;
             let mut failures = 0u64;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
                 let batch = match template.stamp(seq, 0) {
                     Ok(b) => b,
                     Err(_) => return failures,
@@ -102,6 +122,10 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for round in 0..a.kills {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        if !a.pause_before_kill.is_zero() {
+            paused.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(a.pause_before_kill).await;
+        }
         let leader = client.admin().describe_topic("failover").await?.partitions[0].leader;
         let Some(pid) = cluster.node_pid(leader) else {
             bail!("round {round}: no process for leader node {leader}");
@@ -120,6 +144,7 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
+        paused.store(false, std::sync::atomic::Ordering::SeqCst);
         let deadline = killed_at + Duration::from_secs(30);
         let first = loop {
             let hit = acks.lock().ok().and_then(|v| {
@@ -184,9 +209,9 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let max = sorted.last().copied().unwrap_or(f64::NAN);
     let report = format!(
         "# busbench failover — {}\n\n\
-         Command: `busbench failover --busd {} --kills {}`\n\n\
+         Command: `busbench failover --busd {} --kills {}{}`\n\n\
          Three local nodes (`busd dev --nodes 3`, fsync always, heartbeat 100 ms, election timeout 250–500 ms), \
-         one partition with 3 replicas, one producer publishing 100-row batches back to back. \
+         one partition with 3 replicas, one producer publishing 100-row batches back to back{}. \
          Sample = time from `kill -9` of the partition leader to the first acknowledgement after it.\n\n\
          | kills | median ms | max ms | acked batches | lost acked | publishes failed after retries |\n\
          |---|---|---|---|---|---|\n\
@@ -195,6 +220,19 @@ async fn run(a: FailoverArgs) -> anyhow::Result<()> {
         chrono_like_date(),
         a.busd.display(),
         a.kills,
+        if a.pause_before_kill.is_zero() {
+            String::new()
+        } else {
+            format!(" --pause-before-kill {}ms", a.pause_before_kill.as_millis())
+        },
+        if a.pause_before_kill.is_zero() {
+            String::new()
+        } else {
+            format!(
+                ", paused for {} ms before each kill (the partition is idle when its leader dies) and resumed at the kill",
+                a.pause_before_kill.as_millis()
+            )
+        },
         samples.len(),
         acked.len(),
         lost.len(),

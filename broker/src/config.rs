@@ -54,6 +54,10 @@ pub struct ClusterSettings {
     /// from its leader for this long starts an election.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// A partition (or the controller) with nothing to replicate for this
+    /// long goes quiet: its replicas stop their Raft timers and one ping
+    /// per node pair stands in for its heartbeats. 0 turns this off.
+    pub quiesce_after_idle_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -66,6 +70,7 @@ impl Default for ClusterSettings {
             heartbeat_ms: t.heartbeat_ms,
             election_timeout_min_ms: t.election_min_ms,
             election_timeout_max_ms: t.election_max_ms,
+            quiesce_after_idle_ms: t.quiesce_after_ms,
         }
     }
 }
@@ -356,6 +361,7 @@ impl BrokerConfig {
             heartbeat_ms: self.cluster.heartbeat_ms,
             election_min_ms: self.cluster.election_timeout_min_ms,
             election_max_ms: self.cluster.election_timeout_max_ms,
+            quiesce_after_ms: self.cluster.quiesce_after_idle_ms,
         }
     }
 

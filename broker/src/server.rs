@@ -14,6 +14,7 @@ use arrowbus_wire::limits::{
     MAX_CREDIT_BYTES_PER_SUBSCRIPTION, MAX_INFLIGHT_BATCHES_PER_PRODUCER,
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
 };
+use arrowbus_wire::peer::partition_group;
 use arrowbus_wire::{
     Ack, BatchDelivery, BatchHeader, BatchKind, ClientMessage, ClusterMetadata, CreateTopic,
     Credit, ErrorCode, ErrorReply, Frame, Publish, ServerMessage, StartAt, Subscribe, Subscribed,
@@ -539,6 +540,13 @@ impl Broker {
                 ),
             ));
         }
+        // A quiet partition's leader takes writes only once its Raft lease
+        // is renewed (`arrowbus_raft::quiesce`): one round trip, for the
+        // first write after an idle second; at once otherwise.
+        self.topics
+            .registry()
+            .ready_to_write(partition_group(topic.meta.id, partition.id))
+            .await;
         partition.propose(header, body).await
     }
 

@@ -876,7 +876,12 @@ impl Topics {
             let to = m.membership_config.voter_ids().find(|r| *r != self.node_id);
             if let Some(to) = to {
                 let raft = p.group.raft.clone();
+                let registry = self.env.registry.clone();
+                let group = p.group.id;
                 moves.push(Box::pin(async move {
+                    // A quiet leader runs its timers again first, so the
+                    // group is awake when leadership moves.
+                    registry.ready_to_write(group).await;
                     let _ = raft.trigger().transfer_leader(to).await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),

@@ -9,6 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 
 use crate::log::{LogConfig, PartitionLog};
 use crate::network::{GroupNetwork, GroupRegistry, PeerPool};
+use crate::quiesce::{new_incarnation, Quiescer, QuietConfig};
 use crate::sm::{Applier, RestoreDone, StateMachine};
 use crate::snapshot::PartitionState;
 use crate::store::LogStore;
@@ -20,6 +21,9 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// A led group with nothing to replicate for this long goes quiet
+    /// (see [`crate::quiesce`]); 0: groups never go quiet.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTiming {
@@ -37,11 +41,25 @@ impl Default for RaftTiming {
             heartbeat_ms: 100,
             election_min_ms: 250,
             election_max_ms: 500,
+            // Ten heartbeats with nothing to say.
+            quiesce_after_ms: 1000,
         }
     }
 }
 
 impl RaftTiming {
+    /// The quiescer's timing, or `None` when groups never go quiet.
+    pub fn quiet_config(&self) -> Option<QuietConfig> {
+        (self.quiesce_after_ms > 0).then(|| {
+            QuietConfig::new(
+                Duration::from_millis(self.heartbeat_ms),
+                Duration::from_millis(self.election_min_ms),
+                Duration::from_millis(self.election_max_ms),
+                Duration::from_millis(self.quiesce_after_ms),
+            )
+        })
+    }
+
     pub fn openraft_config(&self, name: &str) -> io::Result<Arc<openraft::Config>> {
         let cfg = openraft::Config {
             cluster_name: name.to_string(),
@@ -108,6 +126,13 @@ impl GroupEnv {
         log_cfg: LogConfig,
         make_applier: impl FnOnce(&Arc<PartitionLog>) -> io::Result<A>,
     ) -> io::Result<Group<A>> {
+        // The node's quiescer starts with its first group (the controller).
+        if let Some(cfg) = self.timing.quiet_config() {
+            self.registry.start_quiet(
+                Quiescer::new(self.node_id, cfg, new_incarnation()),
+                self.pool.clone(),
+            );
+        }
         let d = dir.to_owned();
         let (log, _report) = tokio::task::spawn_blocking(move || PartitionLog::open(&d, log_cfg))
             .await

@@ -8,6 +8,8 @@
 //!   group implements.
 //! - [`network`]: Raft RPCs over QUIC, every group multiplexed on one
 //!   connection per peer.
+//! - [`quiesce`]: idle groups stop their timers; one ping per peer and
+//!   interval keeps their leases instead of per-group heartbeats.
 //! - [`group`]: opening a group; the partition applier; retention through
 //!   snapshots ([`group::Group::compact_to`]).
 //! - [`snapshot`]: the snapshot file and a partition's snapshot state.
@@ -27,6 +29,7 @@
 pub mod group;
 pub mod log;
 pub mod network;
+pub mod quiesce;
 pub mod sm;
 pub mod snapshot;
 pub mod store;

@@ -11,20 +11,25 @@
 //! and validated (frame limits, rkyv validation, batch header and body CRCs)
 //! before it reaches the group's Raft; malformed requests are answered with
 //! an error and never touch a log.
+//!
+//! Idle groups go quiet ([`crate::quiesce`]): one [`Ping`] per peer and
+//! interval ([`run_pinger`]) then replaces their heartbeats.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use arrowbus_wire::limits::MAX_BODY_BYTES;
 use arrowbus_wire::peer::{
-    self, AppendRequest, PeerRequest, PeerResponse, PeerRpc, WireEntry, CONTROLLER_GROUP, PEER_ALPN,
+    self, AppendRequest, PeerRequest, PeerResponse, PeerRpc, Ping, Pong, WireEntry,
+    CONTROLLER_GROUP, PEER_ALPN,
 };
 use arrowbus_wire::{BatchHeader, ErrorCode, BATCH_HEADER_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
+use openraft::async_runtime::WatchReceiver;
 use openraft::entry::RaftEntry;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::impls::BasicNode;
@@ -33,9 +38,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{EntryPayload, RaftNetworkV2};
+use openraft::{EntryPayload, RaftNetworkV2, ServerState};
 
 use crate::lock;
+use crate::quiesce::{GroupStatus, Members, Quiescer, Role};
 use crate::sm::{Applier, StateMachine};
 use crate::types::{
     self, from_wire_log_id, from_wire_vote, wire_log_id, wire_vote, Entry, NodeId, Raft, Snapshot,
@@ -702,12 +708,95 @@ fn decode_append(
 
 // ---- receiving -------------------------------------------------------------
 
-/// A group as the RPC server sees it.
+/// A group as the RPC server and the quiescer see it.
 pub trait GroupRpc: Send + Sync + 'static {
     fn handle(&self, rpc: PeerRpc, body: Bytes) -> BoxFuture<'_, PeerResponse>;
+    /// The replica's Raft state, from its metrics (cheap: no message to
+    /// the Raft core).
+    fn status(&self) -> GroupStatus;
+    /// The group's voters and members' addresses.
+    fn members(&self) -> Members;
+    /// Run or park the replica's Raft timer (elections, heartbeats).
+    fn set_ticking(&self, on: bool);
+    /// Whether the replica's Raft core answers a request within `timeout`.
+    fn probe(&self, timeout: Duration) -> BoxFuture<'_, bool>;
+    /// Leader: send a heartbeat now and wait (up to `timeout`) until a
+    /// quorum acknowledged one sent after this call, i.e. openraft's leader
+    /// lease is renewed. Whether it was.
+    fn renew_lease(&self, timeout: Duration) -> BoxFuture<'_, bool>;
 }
 
 impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
+    fn status(&self) -> GroupStatus {
+        let rx = self.metrics();
+        let m = rx.borrow_watched();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            _ => Role::Other,
+        };
+        let replicated = match (&m.replication, m.last_log_index) {
+            (Some(rep), Some(last)) => rep
+                .values()
+                .all(|matched| matched.as_ref().map(|l| l.index) == Some(last)),
+            _ => false,
+        };
+        GroupStatus {
+            running: m.running_state.is_ok(),
+            role,
+            vote: wire_vote(&m.vote),
+            last_log_index: m.last_log_index,
+            committed: m.local_committed.as_ref().map(wire_log_id),
+            membership: m.membership_config.log_id().as_ref().map(wire_log_id),
+            replicated,
+        }
+    }
+
+    fn members(&self) -> Members {
+        let stored = self.metrics().borrow_watched().membership_config.clone();
+        let m = stored.membership();
+        let joint = m.get_joint_config().len() > 1;
+        let mut voters: Vec<NodeId> = if joint {
+            Vec::new()
+        } else {
+            m.voter_ids().collect()
+        };
+        voters.sort_unstable();
+        Members {
+            voters,
+            addrs: m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+        }
+    }
+
+    fn set_ticking(&self, on: bool) {
+        self.runtime_config().tick(on);
+    }
+
+    fn probe(&self, timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            matches!(
+                tokio::time::timeout(timeout, self.with_raft_state(|_| ())).await,
+                Ok(Ok(()))
+            )
+        })
+    }
+
+    fn renew_lease(&self, timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let since = <openraft::alias::InstantOf<TypeConfig> as openraft::Instant>::now();
+            if self.trigger().heartbeat().await.is_err() {
+                return false;
+            }
+            self.wait(Some(timeout))
+                .metrics(
+                    |m| m.last_quorum_acked.as_ref().is_some_and(|t| **t >= since),
+                    "leader lease renewed",
+                )
+                .await
+                .is_ok()
+        })
+    }
+
     fn handle(&self, rpc: PeerRpc, body: Bytes) -> BoxFuture<'_, PeerResponse> {
         Box::pin(async move {
             let refused = |e: String| PeerResponse::Error {
@@ -786,6 +875,11 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
                         Err(e) => refused(e.to_string()),
                     }
                 }
+                // Pings are node-level ([`dispatch`] answers them).
+                PeerRpc::Ping(_) => PeerResponse::Error {
+                    code: ErrorCode::UnexpectedMessage as u16,
+                    message: "a ping is not a group's RPC".into(),
+                },
                 PeerRpc::TransferLeader(t) => {
                     let req = TransferLeaderRequest::new(
                         from_wire_vote(&t.from_leader),
@@ -803,19 +897,82 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
     }
 }
 
-/// The groups this node hosts, by group id.
+/// The groups this node hosts, by group id, and the node's quiescer.
 #[derive(Default)]
 pub struct GroupRegistry {
     groups: RwLock<HashMap<u64, Arc<dyn GroupRpc>>>,
     /// Set (to the sender's id) when a peer says this node was removed
     /// from the cluster.
     removed: tokio::sync::watch::Sender<Option<NodeId>>,
+    quiet: OnceLock<Arc<Quiescer>>,
 }
 
 impl GroupRegistry {
     /// Changes to `Some(by)` when this node is told it left the cluster.
     pub fn removed(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
         self.removed.subscribe()
+    }
+
+    /// Start the node's quiescer and its pinger (once; later calls do
+    /// nothing). Until then pings are answered without quieting anything.
+    pub fn start_quiet(self: &Arc<Self>, quiescer: Quiescer, pool: Arc<PeerPool>) {
+        let mut started = false;
+        let q = self.quiet.get_or_init(|| {
+            started = true;
+            Arc::new(quiescer)
+        });
+        if started {
+            tokio::spawn(run_pinger(q.clone(), Arc::downgrade(self), pool));
+        }
+    }
+
+    /// The node's quiescer, once started.
+    pub fn quiescer(&self) -> Option<&Arc<Quiescer>> {
+        self.quiet.get()
+    }
+
+    /// A quiescer without its pinger (tests drive it by hand).
+    #[cfg(test)]
+    pub(crate) fn set_quiescer(&self, q: Quiescer) {
+        let _ = self.quiet.set(Arc::new(q));
+    }
+
+    /// Call before proposing to group `group`. openraft (0.10) refuses a
+    /// write on a leader whose quorum lease has run out, and a quiet leader
+    /// sends no heartbeats, so its lease is out: this wakes a quiet leader
+    /// and waits (up to the lease) for one heartbeat round to renew it,
+    /// about one round trip. A group that is not quiet returns at once. Any
+    /// path that proposes to a partition group (data, membership changes)
+    /// must call it; the controller group never goes quiet.
+    pub async fn ready_to_write(&self, group: u64) {
+        let (Some(q), Some(g)) = (self.quiet.get(), self.get(group)) else {
+            return;
+        };
+        if q.wake_for_write(group, &*g, tokio::time::Instant::now())
+            && !g.renew_lease(q.config().lease).await
+        {
+            tracing::debug!(group, "woken quiet leader did not renew its lease in time");
+        }
+    }
+
+    fn all(&self) -> Vec<(u64, Arc<dyn GroupRpc>)> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, g)| (*id, g.clone()))
+            .collect()
+    }
+
+    /// Answer a peer's ping (see [`crate::quiesce`]).
+    pub fn on_ping(&self, from: NodeId, ping: &Ping) -> Pong {
+        match self.quiet.get() {
+            Some(q) => q.on_ping(from, ping, &|g| self.get(g), tokio::time::Instant::now()),
+            None => Pong {
+                incarnation: 0,
+                answers: vec![peer::QuietAnswer::Differs; ping.claims.len()],
+            },
+        }
     }
 
     pub fn insert(&self, group: u64, g: Arc<dyn GroupRpc>) {
@@ -830,7 +987,7 @@ impl GroupRegistry {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
     }
-    fn get(&self, group: u64) -> Option<Arc<dyn GroupRpc>> {
+    pub fn get(&self, group: u64) -> Option<Arc<dyn GroupRpc>> {
         self.groups
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -849,31 +1006,7 @@ pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupR
         let registry = registry.clone();
         tokio::spawn(async move {
             let resp = match read_frame::<PeerRequest>(&mut recv).await {
-                Ok(Some((req, _))) if req.rpc == PeerRpc::Removed => {
-                    tracing::warn!(by = req.from, "this node was removed from the cluster");
-                    registry.removed.send_replace(Some(req.from));
-                    PeerResponse::Acknowledged
-                }
-                Ok(Some((req, _)))
-                    if req.rpc == PeerRpc::Propose && req.group != CONTROLLER_GROUP =>
-                {
-                    // Data batches go through the client protocol, which
-                    // validates them; peers only forward metadata changes.
-                    PeerResponse::Error {
-                        code: ErrorCode::InvalidArgument as u16,
-                        message: format!(
-                            "group {}: only the controller takes forwarded proposals",
-                            req.group
-                        ),
-                    }
-                }
-                Ok(Some((req, body))) => match registry.get(req.group) {
-                    Some(g) => g.handle(req.rpc, body).await,
-                    None => PeerResponse::Error {
-                        code: ErrorCode::PartitionNotFound as u16,
-                        message: format!("group {} is not hosted on this node (yet)", req.group),
-                    },
-                },
+                Ok(Some((req, body))) => dispatch(&registry, req, body).await,
                 Ok(None) => return,
                 Err(e) => PeerResponse::Error {
                     code: ErrorCode::MalformedFrame as u16,
@@ -884,6 +1017,120 @@ pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupR
                 let _ = send.finish();
             }
         });
+    }
+}
+
+/// One request to its handler: a ping to the quiescer, the rest to their
+/// group. A (pre-)vote for a group that is quiet here under a live lease is
+/// refused without reaching openraft (see [`Quiescer::refuses_vote`]).
+pub async fn dispatch(registry: &GroupRegistry, req: PeerRequest, body: Bytes) -> PeerResponse {
+    match &req.rpc {
+        PeerRpc::Ping(ping) => return PeerResponse::Pong(registry.on_ping(req.from, ping)),
+        PeerRpc::Removed => {
+            tracing::warn!(by = req.from, "this node was removed from the cluster");
+            registry.removed.send_replace(Some(req.from));
+            return PeerResponse::Acknowledged;
+        }
+        // Data batches go through the client protocol, which validates
+        // them; peers only forward metadata changes.
+        PeerRpc::Propose if req.group != CONTROLLER_GROUP => {
+            return PeerResponse::Error {
+                code: ErrorCode::InvalidArgument as u16,
+                message: format!(
+                    "group {}: only the controller takes forwarded proposals",
+                    req.group
+                ),
+            };
+        }
+        _ => {}
+    }
+    let Some(g) = registry.get(req.group) else {
+        return PeerResponse::Error {
+            code: ErrorCode::PartitionNotFound as u16,
+            message: format!("group {} is not hosted on this node (yet)", req.group),
+        };
+    };
+    if let (PeerRpc::Vote(v) | PeerRpc::PreVote(v), Some(q)) = (&req.rpc, registry.quiescer()) {
+        if let Some(refusal) = q.refuses_vote(
+            req.from,
+            req.group,
+            &*g,
+            v.leadership_transfer,
+            tokio::time::Instant::now(),
+        ) {
+            tracing::debug!(
+                group = req.group,
+                from = req.from,
+                "vote refused: the group is quiet under a live lease"
+            );
+            return PeerResponse::Vote(refusal);
+        }
+    }
+    g.handle(req.rpc, body).await
+}
+
+/// The node's pinger: every heartbeat interval one [`Ping`] to each peer
+/// (each bounded by the lease; up to a lease's worth unanswered per peer),
+/// and probes of quiet leaders' Raft cores. Ends when the registry is
+/// dropped.
+async fn run_pinger(q: Arc<Quiescer>, registry: Weak<GroupRegistry>, pool: Arc<PeerPool>) {
+    let mut every = tokio::time::interval(q.config().ping_every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(reg) = registry.upgrade() else {
+            return;
+        };
+        let round = q.round(&reg.all(), tokio::time::Instant::now());
+        drop(reg);
+        for out in round.pings {
+            let (q, pool, registry) = (q.clone(), pool.clone(), registry.clone());
+            tokio::spawn(async move {
+                let claims = out.ping.claims.clone();
+                let req = PeerRequest {
+                    from: pool.me,
+                    group: CONTROLLER_GROUP,
+                    rpc: PeerRpc::Ping(out.ping),
+                };
+                let pong = match pool
+                    .call(&out.addr, &req, Bytes::new(), q.config().lease)
+                    .await
+                {
+                    Ok((PeerResponse::Pong(p), _)) => Some(p),
+                    // A node that cannot read pings (an older version)
+                    // is alive, but quiets nothing: it must never be taken
+                    // for gone, or its replicas would lose their heartbeats.
+                    Ok(_) => Some(Pong {
+                        incarnation: 0,
+                        answers: vec![peer::QuietAnswer::Differs; claims.len()],
+                    }),
+                    Err(_) => None,
+                };
+                let lookup = |g: u64| registry.upgrade().and_then(|r| r.get(g));
+                q.on_pong(
+                    out.peer,
+                    &claims,
+                    pong,
+                    &lookup,
+                    tokio::time::Instant::now(),
+                );
+            });
+        }
+        for (id, g, at) in round.wakes {
+            let q = q.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                q.wake_due(id, &*g, at, tokio::time::Instant::now());
+            });
+        }
+        for (id, g) in round.probes {
+            let q = q.clone();
+            tokio::spawn(async move {
+                if !g.probe(q.config().probe_timeout).await {
+                    q.probe_failed(id, &*g, tokio::time::Instant::now());
+                }
+            });
+        }
     }
 }
 

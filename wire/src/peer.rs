@@ -10,6 +10,12 @@
 //! An append request carries entry metadata in the control section and the
 //! entries' bodies, concatenated in entry order, as the frame body; each
 //! [`WireEntry::Data`] says how many body bytes are its own.
+//!
+//! Besides the per-group RPCs, each node sends each peer one [`Ping`] per
+//! heartbeat interval: node liveness plus, for every group the sender leads
+//! and wants quiet, a [`QuietClaim`]. The [`Pong`] answers each claim on its
+//! own ([`QuietAnswer`], same order). The `raft` crate's `quiesce` module
+//! says what the claims mean.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -110,6 +116,51 @@ pub struct TransferLeaderRequest {
     pub last_log_id: Option<WireLogId>,
 }
 
+/// "Group `group` is quiet under me": the sender leads it at `vote`, every
+/// entry up to `committed` (its last) is committed, and it sends no more
+/// heartbeats while the receiver agrees. See [`Ping`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietClaim {
+    pub group: u64,
+    pub vote: WireVote,
+    pub committed: WireLogId,
+}
+
+/// Node liveness and quiescence, one per node pair and heartbeat interval,
+/// whatever the number of groups. Sent as [`PeerRpc::Ping`] (the request's
+/// `group` is not used).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ping {
+    /// Chosen at random when the sender's process starts: a new value means
+    /// it restarted (and leads nothing any more).
+    pub incarnation: u64,
+    /// Counts up within an incarnation: a ping overtaken by a later one
+    /// (several may be in flight) is answered but renews nothing.
+    pub seq: u64,
+    pub claims: Vec<QuietClaim>,
+}
+
+/// How a receiver answered one [`QuietClaim`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuietAnswer {
+    /// The receiver's replica is exactly as claimed (follower at that vote,
+    /// same last and committed entry) and has stopped its election timer.
+    Quiet,
+    /// The receiver does not host the group (yet, or any more).
+    NotHosted,
+    /// The receiver's replica differs from the claim (another vote or
+    /// role, or a log or commit point that is not the claimed one).
+    Differs,
+}
+
+/// The answer to a [`Ping`]: the receiver's incarnation and one answer per
+/// claim, in the claims' order.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pong {
+    pub incarnation: u64,
+    pub answers: Vec<QuietAnswer>,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum PeerRpc {
     Append(AppendRequest),
@@ -127,6 +178,9 @@ pub enum PeerRpc {
     /// without this it would keep serving stale metadata; it shuts down.
     /// The group field is ignored.
     Removed,
+    /// Last: a node that predates it answers `Error` (it cannot decode the
+    /// request), and its peers then never quiesce groups it replicates.
+    Ping(Ping),
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -162,4 +216,88 @@ pub enum PeerResponse {
         code: u16,
         message: String,
     },
+    Pong(Pong),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_frame, encode_frame};
+    use crate::frame::FrameError;
+
+    fn claim(group: u64) -> QuietClaim {
+        QuietClaim {
+            group,
+            vote: WireVote {
+                term: 7,
+                node: 2,
+                committed: true,
+            },
+            committed: WireLogId {
+                term: 7,
+                leader: 2,
+                index: 40 + group,
+            },
+        }
+    }
+
+    #[test]
+    fn ping_and_pong_round_trip() {
+        let req = PeerRequest {
+            from: 2,
+            group: CONTROLLER_GROUP,
+            rpc: PeerRpc::Ping(Ping {
+                incarnation: 0xdead_beef,
+                seq: 12,
+                claims: (1..=300).map(claim).collect(),
+            }),
+        };
+        let bytes = encode_frame(&req, 0).unwrap();
+        let (frame, used) = decode_frame::<PeerRequest>(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(frame.msg, req);
+        assert!(frame.body.is_empty());
+
+        let resp = PeerResponse::Pong(Pong {
+            incarnation: 9,
+            answers: vec![
+                QuietAnswer::Quiet,
+                QuietAnswer::NotHosted,
+                QuietAnswer::Differs,
+            ],
+        });
+        let bytes = encode_frame(&resp, 0).unwrap();
+        assert_eq!(decode_frame::<PeerResponse>(&bytes).unwrap().0.msg, resp);
+    }
+
+    #[test]
+    fn damaged_pings_do_not_decode() {
+        let req = PeerRequest {
+            from: 2,
+            group: 0,
+            rpc: PeerRpc::Ping(Ping {
+                incarnation: 1,
+                seq: 1,
+                claims: vec![claim(1), claim(2)],
+            }),
+        };
+        let bytes = encode_frame(&req, 0).unwrap();
+        // Cut short: truncated, never a partial ping.
+        assert!(matches!(
+            decode_frame::<PeerRequest>(&bytes[..bytes.len() - 3]),
+            Err(FrameError::Truncated { .. })
+        ));
+        // A control section of garbage: rkyv validation refuses it (its
+        // pointers lead outside the section) instead of reading it.
+        let head = crate::frame::FRAME_HEADER_BYTES;
+        let mut bad = bytes.clone();
+        bad[head..].fill(0xff);
+        assert!(matches!(
+            decode_frame::<PeerRequest>(&bad),
+            Err(FrameError::Control(_))
+        ));
+        // A pong sent where a request is expected is refused by direction.
+        let pong = encode_frame(&PeerResponse::Pong(Pong::default()), 0).unwrap();
+        assert!(decode_frame::<PeerRequest>(&pong).is_err());
+    }
 }

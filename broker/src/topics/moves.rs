@@ -152,6 +152,9 @@ impl Topics {
         target: &[NodeId],
     ) -> Result<(), BrokerError> {
         let raft = &part.group.raft;
+        // Learners and voter changes are writes: a quiet leader must renew
+        // its lease first (see `GroupRegistry::ready_to_write`).
+        self.env.registry.ready_to_write(part.group.id).await;
         let membership = raft.metrics().borrow_watched().membership_config.clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
