@@ -29,18 +29,21 @@ use arrowbus_wire::peer::{
 use arrowbus_wire::{BatchHeader, ErrorCode, BATCH_HEADER_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
 use openraft::async_runtime::WatchReceiver;
 use openraft::entry::RaftEntry;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::impls::BasicNode;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{EntryPayload, RaftNetworkV2, ServerState};
 
 use crate::lock;
+
+mod pipeline;
 use crate::quiesce::{GroupStatus, Members, Quiescer, Role};
 use crate::sm::{Applier, StateMachine};
 use crate::types::{
@@ -444,11 +447,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
+        // Pipelined: several appends in flight, in order, on one stream.
         Box::pin(async move {
-            if let Err(e) = self.pool.connection(&self.addr).await {
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-            openraft::network::stream_append_sequential(self, input, option).await
+            let results: BoxStream<'s, _> = pipeline::open(self, input, option).await?;
+            Ok(results)
         })
     }
 
@@ -711,6 +713,14 @@ fn decode_append(
 /// A group as the RPC server and the quiescer see it.
 pub trait GroupRpc: Send + Sync + 'static {
     fn handle(&self, rpc: PeerRpc, body: Bytes) -> BoxFuture<'_, PeerResponse>;
+    /// Append a stream of validated requests, pipelined; one answer per
+    /// request, in order, each once its entries are durable (see
+    /// [`pipeline`]). The answers end after the first that is not a
+    /// success.
+    fn append_stream(
+        &self,
+        input: BoxStream<'static, AppendEntriesRequest<TypeConfig>>,
+    ) -> BoxStream<'static, PeerResponse>;
     /// The replica's Raft state, from its metrics (cheap: no message to
     /// the Raft core).
     fn status(&self) -> GroupStatus;
@@ -770,6 +780,27 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
 
     fn set_ticking(&self, on: bool) {
         self.runtime_config().tick(on);
+    }
+
+    fn append_stream(
+        &self,
+        input: BoxStream<'static, AppendEntriesRequest<TypeConfig>>,
+    ) -> BoxStream<'static, PeerResponse> {
+        self.stream_append(input)
+            .map(|r| match r {
+                Ok(Ok(_)) => PeerResponse::Append(peer::AppendResponse::Success),
+                Ok(Err(StreamAppendError::Conflict(_))) => {
+                    PeerResponse::Append(peer::AppendResponse::Conflict)
+                }
+                Ok(Err(StreamAppendError::HigherVote(v))) => {
+                    PeerResponse::Append(peer::AppendResponse::HigherVote(wire_vote(&v)))
+                }
+                Err(fatal) => PeerResponse::Error {
+                    code: ErrorCode::Internal as u16,
+                    message: fatal.to_string(),
+                },
+            })
+            .boxed()
     }
 
     fn probe(&self, timeout: Duration) -> BoxFuture<'_, bool> {
@@ -876,6 +907,10 @@ impl<A: Applier> GroupRpc for Raft<StateMachine<A>> {
                     }
                 }
                 // Pings are node-level ([`dispatch`] answers them).
+                PeerRpc::AppendStream(_) => PeerResponse::Error {
+                    code: ErrorCode::UnexpectedMessage as u16,
+                    message: "an append stream frame outside an append stream".into(),
+                },
                 PeerRpc::Ping(_) => PeerResponse::Error {
                     code: ErrorCode::UnexpectedMessage as u16,
                     message: "a ping is not a group's RPC".into(),
@@ -1006,6 +1041,9 @@ pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupR
         let registry = registry.clone();
         tokio::spawn(async move {
             let resp = match read_frame::<PeerRequest>(&mut recv).await {
+                Ok(Some((req, body))) if matches!(req.rpc, PeerRpc::AppendStream(_)) => {
+                    return pipeline::serve(&registry, req, body, send, recv).await;
+                }
                 Ok(Some((req, body))) => dispatch(&registry, req, body).await,
                 Ok(None) => return,
                 Err(e) => PeerResponse::Error {

@@ -178,6 +178,14 @@ pub enum PeerRpc {
     /// without this it would keep serving stale metadata; it shuts down.
     /// The group field is ignored.
     Removed,
+    /// One frame of a pipelined append stream: the first frame on a stream
+    /// makes it one, and every later frame on it must be one too, for the
+    /// same group. The receiver answers each frame with one
+    /// [`PeerResponse::Append`], in order, once its entries are durable,
+    /// while the sender keeps sending: several appends are in flight per
+    /// follower, in order, on one QUIC stream. An `Error` answer ends the
+    /// stream.
+    AppendStream(AppendRequest),
     /// Last: a node that predates it answers `Error` (it cannot decode the
     /// request), and its peers then never quiesce groups it replicates.
     Ping(Ping),

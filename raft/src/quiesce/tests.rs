@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::types::TypeConfig;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -86,6 +87,19 @@ impl GroupRpc for Mock {
                 message: "mock".into(),
             }
         })
+    }
+    fn append_stream(
+        &self,
+        _input: futures::stream::BoxStream<
+            'static,
+            openraft::raft::AppendEntriesRequest<TypeConfig>,
+        >,
+    ) -> futures::stream::BoxStream<'static, PeerResponse> {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Box::pin(futures::stream::iter([PeerResponse::Error {
+            code: 0,
+            message: "mock".into(),
+        }]))
     }
     fn status(&self) -> GroupStatus {
         lock(&self.status).clone()
