@@ -307,6 +307,11 @@ impl Reader {
                 return Some(Err(RPCError::Unreachable(Unreachable::new(&e))));
             }
         };
+        tracing::trace!(
+            target = self.target,
+            queued = self.rx.len(),
+            "awaiting an append answer (queued: frames sent behind it)"
+        );
         // Answers come in order: this one cannot be due before the last.
         let deadline = self
             .last_deadline
