@@ -397,24 +397,15 @@ impl PeerClient {
         // A peer that has gone silent keeps openraft's short timeout: a
         // long-pending append to a dead follower holds its log range in
         // flight, and the leader cannot purge (retention) past it.
-        let timeout = if rpc.entries.is_empty() || self.pool.is_silent(&self.addr) {
-            option.soft_ttl()
-        } else {
-            option.soft_ttl().max(APPEND_TIMEOUT_MIN)
-        };
+        let timeout = append_timeout(
+            option.soft_ttl(),
+            rpc.entries.is_empty(),
+            self.pool.is_silent(&self.addr),
+        );
         let (req, body) =
             encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match self.rpc(PeerRpc::Append(req), body, timeout).await? {
-            (PeerResponse::Append(r), _) => Ok(match r {
-                peer::AppendResponse::Success => AppendEntriesResponse::Success,
-                peer::AppendResponse::PartialSuccess(l) => {
-                    AppendEntriesResponse::PartialSuccess(l.as_ref().map(from_wire_log_id))
-                }
-                peer::AppendResponse::Conflict => AppendEntriesResponse::Conflict,
-                peer::AppendResponse::HigherVote(v) => {
-                    AppendEntriesResponse::HigherVote(from_wire_vote(&v))
-                }
-            }),
+            (PeerResponse::Append(r), _) => Ok(from_wire_append(r)),
             _ => Err(self.unexpected("append")),
         }
     }
@@ -579,6 +570,30 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         {
             (PeerResponse::TransferLeaderDone, _) => Ok(Ok(())),
             _ => Err(self.unexpected("transfer-leader")),
+        }
+    }
+}
+
+/// How long an append may take: openraft's timeout for an empty one (a
+/// heartbeat) or to a silent peer, at least [`APPEND_TIMEOUT_MIN`] for
+/// entries (see [`PeerClient::send_append`]).
+fn append_timeout(ttl: Duration, empty: bool, peer_silent: bool) -> Duration {
+    if empty || peer_silent {
+        ttl
+    } else {
+        ttl.max(APPEND_TIMEOUT_MIN)
+    }
+}
+
+fn from_wire_append(r: peer::AppendResponse) -> AppendEntriesResponse<TypeConfig> {
+    match r {
+        peer::AppendResponse::Success => AppendEntriesResponse::Success,
+        peer::AppendResponse::PartialSuccess(l) => {
+            AppendEntriesResponse::PartialSuccess(l.as_ref().map(from_wire_log_id))
+        }
+        peer::AppendResponse::Conflict => AppendEntriesResponse::Conflict,
+        peer::AppendResponse::HigherVote(v) => {
+            AppendEntriesResponse::HigherVote(from_wire_vote(&v))
         }
     }
 }

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{
-    decode_append, encode_append, from_wire_log_id, from_wire_vote, read_frame, write_frame,
-    GroupRegistry, PeerClient, PeerError, APPEND_TIMEOUT_MIN,
+    append_timeout, decode_append, encode_append, from_wire_append, read_frame, write_frame,
+    GroupRegistry, PeerClient, PeerError,
 };
 use crate::types::{LogId, TypeConfig};
 use arrowbus_wire::limits::MAX_BODY_BYTES;
@@ -248,11 +248,11 @@ impl Writer {
                     }
                 };
                 // Same rule as a single append (see `PeerClient::send_append`).
-                let timeout = if frame.entries.is_empty() || self.pool.is_silent(&self.addr) {
-                    self.ttl
-                } else {
-                    self.ttl.max(APPEND_TIMEOUT_MIN)
-                };
+                let timeout = append_timeout(
+                    self.ttl,
+                    frame.entries.is_empty(),
+                    self.pool.is_silent(&self.addr),
+                );
                 let now = Instant::now();
                 let sent = InFlight {
                     prev: frame.prev_log_id,
@@ -334,16 +334,7 @@ impl Reader {
             Ok(Err(e)) => fail(e.0),
             Ok(Ok(None)) => fail("the peer closed the stream".into()),
             Ok(Ok(Some((PeerResponse::Append(r), _)))) => {
-                let r = match r {
-                    peer::AppendResponse::Success => AppendEntriesResponse::Success,
-                    peer::AppendResponse::PartialSuccess(l) => {
-                        AppendEntriesResponse::PartialSuccess(l.as_ref().map(from_wire_log_id))
-                    }
-                    peer::AppendResponse::Conflict => AppendEntriesResponse::Conflict,
-                    peer::AppendResponse::HigherVote(v) => {
-                        AppendEntriesResponse::HigherVote(from_wire_vote(&v))
-                    }
-                };
+                let r = from_wire_append(r);
                 if matches!(r, AppendEntriesResponse::Conflict) && sent.prev.is_none() {
                     // A conflict at the log's start cannot happen; a peer
                     // that says so is broken.
