@@ -234,3 +234,18 @@ mod tests {
         Ok(())
     }
 }
+
+/// The disk baseline's flags, shared by the commands that measure it.
+#[derive(clap::Args, Clone)]
+pub struct DiskBaselineArgs {
+    /// Skip the disk baseline (dd and append+fdatasync in --work-dir, measured
+    /// at the start of every repetition).
+    #[arg(long)]
+    pub no_disk: bool,
+    /// MiB written by the dd baseline.
+    #[arg(long, default_value_t = 1024)]
+    pub dd_mib: u64,
+    /// Length of each append+fdatasync loop of the disk baseline.
+    #[arg(long, value_parser = crate::latency::parse_duration, default_value = "3s")]
+    pub sync_for: std::time::Duration,
+}

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::disk::DiskReport;
+use crate::disk::{DiskBaselineArgs, DiskReport};
 use crate::latency::parse_duration;
 use crate::report::{BacklogInfo, BrokerInfo, Environment, Report};
 use crate::run::{BrokerWatch, Limit, PhaseConfig, PhaseResult};
@@ -103,19 +103,6 @@ struct TargetArgs {
     /// After publishing, how long to wait for missing acks and deliveries.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     drain_timeout: Duration,
-}
-
-#[derive(Args, Clone)]
-struct DiskBaselineArgs {
-    /// Skip the disk baseline.
-    #[arg(long)]
-    no_disk: bool,
-    /// MiB written by the dd baseline.
-    #[arg(long, default_value_t = 1024)]
-    dd_mib: u64,
-    /// Length of each append+fdatasync loop.
-    #[arg(long, value_parser = parse_duration, default_value = "3s")]
-    sync_for: Duration,
 }
 
 #[derive(Args)]

@@ -96,16 +96,8 @@ pub struct CompareArgs {
     /// After publishing, how long to wait for missing acks and deliveries.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     drain_timeout: Duration,
-    /// Skip the disk baseline (dd and append+fdatasync in --work-dir,
-    /// measured at the start of every repetition).
-    #[arg(long)]
-    no_disk: bool,
-    /// MiB written by the dd baseline.
-    #[arg(long, default_value_t = 1024)]
-    dd_mib: u64,
-    /// Length of each append+fdatasync loop of the disk baseline.
-    #[arg(long, value_parser = parse_duration, default_value = "3s")]
-    sync_for: Duration,
+    #[command(flatten)]
+    disk: crate::disk::DiskBaselineArgs,
     /// Report path (.md; the .json and the PNG plots go next to it).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -241,7 +233,7 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
     let mut infos: Vec<(Contender, ServerInfo)> = Vec::new();
     let mut disks = Vec::new();
     for rep in 0..a.reps {
-        if !a.no_disk {
+        if !a.disk.no_disk {
             // The disk every server writes to, measured in the same run (per
             // repetition: neighbours on a shared machine change it).
             std::fs::create_dir_all(&a.work_dir)
@@ -252,7 +244,11 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
                 a.reps,
                 a.work_dir.display()
             );
-            disks.push(crate::disk::measure(&a.work_dir, a.dd_mib, a.sync_for));
+            disks.push(crate::disk::measure(
+                &a.work_dir,
+                a.disk.dd_mib,
+                a.disk.sync_for,
+            ));
         }
         // Rotate the order each repetition: systems alternate.
         let mut order = contenders.clone();
@@ -731,9 +727,9 @@ mod tests {
             vec![arrowbus(1), arrowbus(3)]
         );
         assert!(notes.is_empty(), "{notes:?}");
-        assert!(!cli.a.no_disk);
-        assert_eq!(cli.a.dd_mib, 1024);
-        assert_eq!(cli.a.sync_for, Duration::from_secs(3));
+        assert!(!cli.a.disk.no_disk);
+        assert_eq!(cli.a.disk.dd_mib, 1024);
+        assert_eq!(cli.a.disk.sync_for, Duration::from_secs(3));
         Ok(())
     }
 
@@ -755,7 +751,7 @@ mod tests {
             labels,
             ["arrowbus R3", "Kafka R3 flush", "NATS JetStream R3 sync"]
         );
-        assert!(cli.a.no_disk);
+        assert!(cli.a.disk.no_disk);
         Ok(())
     }
 }
