@@ -425,6 +425,8 @@ impl Topics {
             reconcile_lock: tokio::sync::Mutex::new(()),
             moves: moves::Running::default(),
         });
+        // Not caught up yet (entries arrived while starting): the loop
+        // reconciles once it is.
         topics.reconcile().await?;
         let t = topics.clone();
         tokio::spawn(async move { t.reconcile_loop().await });
@@ -435,18 +437,101 @@ impl Topics {
 
     async fn reconcile_loop(self: Arc<Self>) {
         let mut pos = self.controller.sm.position();
-        while pos.changed().await.is_ok() {
-            if let Err(e) = self.reconcile().await {
-                tracing::error!(error = %e, "reconciling partitions with the controller failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut metrics = self.controller.raft.metrics();
+        // A controller change not reconciled yet: this node was still
+        // catching up when it was applied (see `Topics::reconcile`), and
+        // the next metrics change may tell it that it has caught up.
+        // At start too: the first reconcile (in `finish_open`) may have
+        // found this node catching up.
+        let mut pending = true;
+        loop {
+            if pending {
+                match self.reconcile().await {
+                    Ok(done) => pending = !done,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reconciling partitions with the controller failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            tokio::select! {
+                changed = pos.changed() => {
+                    if changed.is_err() { return }
+                    pending = true;
+                }
+                changed = metrics.changed(), if pending => {
+                    if changed.is_err() { return }
+                }
             }
         }
     }
 
-    /// Make the local groups match the controller's metadata.
-    async fn reconcile(&self) -> Result<(), BrokerError> {
+    /// [`Topics::reconcile`], waiting (up to `wait`) until this node has
+    /// caught up with the controller so that it can.
+    async fn reconcile_caught_up(&self, wait: Duration) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pos = self.controller.sm.position();
+        let mut metrics = self.controller.raft.metrics();
+        while !self.reconcile().await? {
+            let woke = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    r = pos.changed() => r.is_ok(),
+                    r = metrics.changed() => r.is_ok(),
+                }
+            })
+            .await;
+            if !matches!(woke, Ok(true)) {
+                return Err(BrokerError::new(
+                    ErrorCode::Timeout,
+                    "this node has not caught up with the cluster metadata (controller) in time",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the controller state at partition-log index `applied` (the
+    /// state machine's, read together with that state) holds everything the
+    /// controller leader has told this node is committed.
+    ///
+    /// A node catching up (restarted after missing changes, or joining and
+    /// receiving the whole history) applies the controller's log entry by
+    /// entry, and the states in between are history: a partition that moved
+    /// away from this node and back is, in real time, a group that counts
+    /// this node as a voter again. Acting on the "moved away" state in
+    /// between would delete a replica Raft counts on (its acknowledged
+    /// entries with it), and a "first replica set" state from long ago would
+    /// initialize a second, different group. So partitions follow only a
+    /// state that was the newest committed one when this node held it.
+    ///
+    /// The metrics must also be at least as new as that state: the state
+    /// machine may apply entries before the core publishes the leader's
+    /// commit index that came with them.
+    fn controller_caught_up(&self, applied: u64) -> bool {
+        let m = self.controller.raft.metrics().borrow_watched().clone();
+        let metrics_applied = m
+            .last_applied
+            .map_or(0, |l| arrowbus_raft::types::to_log_index(l.index));
+        let leader_committed = m
+            .cluster_committed
+            .map_or(0, |l| arrowbus_raft::types::to_log_index(l.index));
+        metrics_applied >= applied && leader_committed <= applied
+    }
+
+    /// Make the local groups match the controller's metadata; `false` (and
+    /// nothing done) while this node is still catching up with the
+    /// controller (see [`Topics::controller_caught_up`]).
+    async fn reconcile(&self) -> Result<bool, BrokerError> {
         let _guard = self.reconcile_lock.lock().await;
-        let records = self.controller.sm.with_applier(|a| a.topics());
+        let pos = self.controller.sm.position();
+        // Under the state machine's lock: the records and their index agree.
+        let (records, applied) = self
+            .controller
+            .sm
+            .with_applier(|a| (a.topics(), pos.borrow().index));
+        if !self.controller_caught_up(applied) {
+            return Ok(false);
+        }
         let mut wanted = HashMap::new();
         let mut new_map = BTreeMap::new();
         for rec in records {
@@ -539,7 +624,7 @@ impl Topics {
                 tracing::warn!(path = %d.display(), error = %e, "could not remove a deleted topic's files");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn lock_groups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Partition>>> {
@@ -768,7 +853,7 @@ impl Topics {
         let applied: &Applied = &resp.data;
         let reply = decode_reply(applied).map_err(|e| BrokerError::internal(e.to_string()))?;
         // Our own groups follow the change before we answer.
-        self.reconcile().await?;
+        self.reconcile_caught_up(ADMIN_APPLY_TIMEOUT).await?;
         Ok(reply)
     }
 

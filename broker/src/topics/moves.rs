@@ -42,6 +42,9 @@ const DRAIN_WAIT: Duration = Duration::from_secs(10);
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one forwarded controller proposal.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a leader gets to confirm its leadership with a quorum before
+/// recording a move as complete.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The moves this node is driving (by partition group), and when failed
 /// ones may be retried.
@@ -61,6 +64,67 @@ pub struct NodeChange {
     /// `remove_node`: whether the node has left the controller (it holds no
     /// replica any more); until then, call again to keep waiting.
     pub removed: bool,
+}
+
+/// Succeeds only if this replica leads its group now (confirmed by a
+/// quorum) and the group's committed voters are exactly `wanted`, with no
+/// membership change pending.
+///
+/// `CompleteMove` makes the target the partition's replica list, and nodes
+/// outside it delete their replicas; it must never be recorded while Raft
+/// still counts one of them. The metrics the move started from are not
+/// enough: a replica whose Raft core stopped (it panicked) keeps showing
+/// its last metrics, "leader" with its old voters, forever (run n5-s512:
+/// node 5's dead core still showed voters {1, 4, 5} and recorded a move to
+/// [4, 1, 5] as complete, while the group's voters were {3, 4, 5}; node 3
+/// then deleted its replica and only node 4 kept the acknowledged
+/// entries). Both reads below go through the Raft core, and the read index
+/// needs a quorum: a dead core or a deposed leader fails here.
+async fn confirm_voters(
+    raft: &arrowbus_raft::types::Raft<
+        arrowbus_raft::sm::StateMachine<arrowbus_raft::group::PartitionApplier>,
+    >,
+    wanted: &BTreeSet<NodeId>,
+) -> Result<(), BrokerError> {
+    tokio::time::timeout(
+        CONFIRM_TIMEOUT,
+        raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+    )
+    .await
+    .map_err(|_| {
+        BrokerError::new(
+            ErrorCode::Timeout,
+            format!("leadership not confirmed by a quorum within {CONFIRM_TIMEOUT:?}"),
+        )
+    })?
+    .map_err(|e| {
+        BrokerError::new(
+            ErrorCode::NotLeader,
+            format!("leadership not confirmed: {e}"),
+        )
+    })?;
+    let (committed, effective) = raft
+        .with_raft_state(|st| {
+            (
+                st.membership_state.committed().clone(),
+                st.membership_state.effective().clone(),
+            )
+        })
+        .await
+        .map_err(|e| BrokerError::internal(format!("reading the group's membership: {e}")))?;
+    let voters: BTreeSet<NodeId> = committed.voter_ids().collect();
+    let uniform = committed.get_joint_config().len() == 1;
+    if committed.log_id() != effective.log_id() || !uniform || &voters != wanted {
+        return Err(BrokerError::new(
+            ErrorCode::Busy,
+            format!(
+                "the group's committed voters are {voters:?} (joint: {}, change pending: {}), not {wanted:?}",
+                !uniform,
+                committed.log_id() != effective.log_id()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Topics {
@@ -189,6 +253,7 @@ impl Topics {
                     BrokerError::internal(format!("changing voters to {wanted:?}: {e}"))
                 })?;
         }
+        confirm_voters(raft, &wanted).await?;
         self.propose_anywhere(ControllerCommand::CompleteMove {
             topic_id,
             partition: part.id,
