@@ -26,7 +26,7 @@
 //! 3. Once that change is committed it proposes `CompleteMove`: the target
 //!    becomes the replica list, and nodes outside it drop their replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -55,6 +55,13 @@ pub struct TopicRecord {
     /// Partitions being moved to a new replica set: partition -> target.
     #[serde(default)]
     pub moving: BTreeMap<u32, Vec<u64>>,
+    /// Partitions whose replica set has changed since the topic was
+    /// created. Their groups exist already; a node never creates
+    /// (initializes) one of them, even with no data for it: its current
+    /// replicas were made members by the group's leader, and a second
+    /// initialization would start a different group under the same id.
+    #[serde(default)]
+    pub moved: BTreeSet<u32>,
 }
 
 impl TopicRecord {
@@ -173,7 +180,7 @@ struct ControllerState {
     topics: BTreeMap<String, TopicRecord>,
     /// Nodes being drained for removal: no new replicas go there.
     #[serde(default)]
-    draining: std::collections::BTreeSet<u64>,
+    draining: BTreeSet<u64>,
 }
 
 pub struct ControllerApplier {
@@ -368,6 +375,7 @@ impl ControllerApplier {
                     schema_ipc,
                     assignments,
                     moving: BTreeMap::new(),
+                    moved: BTreeSet::new(),
                 };
                 self.state.topics.insert(name, t.clone());
                 (ControllerReply::Topic(t.clone()), vec![t], None)
@@ -455,6 +463,7 @@ impl ControllerApplier {
                     return (ControllerReply::Done, Vec::new(), None);
                 }
                 t.moving.remove(&partition);
+                t.moved.insert(partition);
                 if let Some(a) = t.assignments.get_mut(partition as usize) {
                     *a = replicas;
                 }
@@ -701,6 +710,7 @@ mod tests {
             schema_ipc: Vec::new(),
             assignments,
             moving: BTreeMap::new(),
+            moved: BTreeSet::new(),
         }
     }
 
@@ -936,6 +946,7 @@ mod tests {
         );
         assert_eq!(a.moving_count(), 1);
         assert_eq!(a.topics()[0].assignments[m.partition as usize], m.to);
+        assert_eq!(a.topics()[0].moved, BTreeSet::from([m.partition]));
         drop(a);
         let a = ControllerApplier::open(dir.path()).expect("reopen");
         assert_eq!(a.moving_count(), 1);
@@ -944,6 +955,8 @@ mod tests {
             a.topics()[0].moving.get(&moves[1].partition),
             Some(&moves[1].to)
         );
+        // Recorded durably: a restarted node must not create it either.
+        assert_eq!(a.topics()[0].moved, BTreeSet::from([m.partition]));
     }
 
     #[test]

@@ -564,8 +564,10 @@ impl Topics {
                     None => {
                         // Only a partition's first replica set is created
                         // here; nodes a move adds are made members by the
-                        // partition's leader.
-                        let create = (!rec.moving.contains_key(&p)).then_some(replicas.as_slice());
+                        // partition's leader, before and after the move
+                        // completes.
+                        let create = (!rec.moving.contains_key(&p) && !rec.moved.contains(&p))
+                            .then_some(replicas.as_slice());
                         let part = Arc::new(self.open_partition(&rec, p, create).await?);
                         self.lock_groups().insert(gid, part.clone());
                         part
