@@ -241,6 +241,10 @@ pub fn write_error(
     }
 }
 
+/// How long a starting node waits to catch up with the controller before it
+/// serves clients (see [`Topics::open`]).
+const STARTUP_CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
 pub fn not_leader(hint: Option<NodeId>, what: String) -> BrokerError {
     let mut e = BrokerError::new(
         ErrorCode::NotLeader,
@@ -359,6 +363,10 @@ pub struct Topics {
     reconcile_lock: tokio::sync::Mutex<()>,
     /// Partition moves this node drives as their leader (see [`moves`]).
     moves: moves::Running,
+    /// The last reconcile acted on the newest controller state: false while
+    /// this node catches up (see [`Topics::controller_caught_up`]). A topic
+    /// unknown here then may just not have reached this node yet.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 impl Topics {
@@ -424,10 +432,16 @@ impl Topics {
             groups: Mutex::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
             moves: moves::Running::default(),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
         });
-        // Not caught up yet (entries arrived while starting): the loop
-        // reconciles once it is.
-        topics.reconcile().await?;
+        // Serve clients only with the partitions of a current state: a
+        // restarted node replays its controller log first. One that cannot
+        // catch up in time (no controller quorum) starts anyway and
+        // answers for unknown topics with a retriable NotLeader; the loop
+        // reconciles once it has caught up.
+        if let Err(e) = topics.reconcile_caught_up(STARTUP_CATCH_UP_WAIT).await {
+            tracing::warn!(error = %e, "starting before catching up with the controller");
+        }
         let t = topics.clone();
         tokio::spawn(async move { t.reconcile_loop().await });
         let t = topics.clone();
@@ -530,6 +544,8 @@ impl Topics {
             .sm
             .with_applier(|a| (a.topics(), pos.borrow().index));
         if !self.controller_caught_up(applied) {
+            self.caught_up
+                .store(false, std::sync::atomic::Ordering::Release);
             return Ok(false);
         }
         let mut wanted = HashMap::new();
@@ -626,6 +642,8 @@ impl Topics {
                 tracing::warn!(path = %d.display(), error = %e, "could not remove a deleted topic's files");
             }
         }
+        self.caught_up
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(true)
     }
 
@@ -794,6 +812,13 @@ impl Topics {
             .get(name)
             .cloned()
             .ok_or_else(|| {
+                if !self.caught_up.load(std::sync::atomic::Ordering::Acquire) {
+                    // Retriable: clients try again (or another node).
+                    return BrokerError::new(
+                        ErrorCode::NotLeader,
+                        format!("this node is still catching up with the cluster metadata and does not know topic '{name}' yet; retry shortly or ask another node"),
+                    );
+                }
                 BrokerError::new(
                     ErrorCode::TopicNotFound,
                     format!("topic '{name}' does not exist; create it with `busctl topics create {name}`"),
