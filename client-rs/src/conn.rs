@@ -152,9 +152,16 @@ impl Conn {
             Some(a) => a,
             None => {
                 self.refresh_nodes().await?;
-                lock(&self.nodes).get(&id).cloned().ok_or_else(|| {
-                    Error::Protocol(format!("node {id} is not in the cluster metadata"))
-                })?
+                // A node the cluster just added (or whose metadata the
+                // answering node has not caught up to yet): unreachable for
+                // now, which `request` retries, not a protocol violation.
+                lock(&self.nodes)
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| Error::Connect {
+                        addr: format!("node {id}"),
+                        reason: "not in the cluster metadata this client has seen yet".into(),
+                    })?
             }
         };
         self.connect_addr(&addr, NODE_CONNECT_TIMEOUT.min(self.config.request_timeout))

@@ -127,6 +127,24 @@ async fn confirm_voters(
     Ok(())
 }
 
+/// A failed membership change: leadership lost or not yet known (an
+/// election under way) is a retriable `NotLeader`, which clients retry;
+/// anything else is internal.
+fn membership_error(
+    what: String,
+    e: openraft::errors::RaftError<
+        arrowbus_raft::types::TypeConfig,
+        openraft::errors::ClientWriteError<arrowbus_raft::types::TypeConfig>,
+    >,
+) -> BrokerError {
+    match e {
+        openraft::errors::RaftError::APIError(
+            openraft::errors::ClientWriteError::ForwardToLeader(f),
+        ) => super::not_leader(f.leader_id, format!("the group ({what})")),
+        e => BrokerError::internal(format!("{what}: {e}")),
+    }
+}
+
 impl Topics {
     /// Drive the moves of partitions this node leads, at every controller
     /// change and every [`MOVE_CHECK_EVERY`].
@@ -245,13 +263,11 @@ impl Topics {
                         format!("node {n} did not catch up within {CATCH_UP_TIMEOUT:?}"),
                     )
                 })?
-                .map_err(|e| BrokerError::internal(format!("adding node {n} as learner: {e}")))?;
+                .map_err(|e| membership_error(format!("adding node {n} as learner"), e))?;
             }
             raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
                 .await
-                .map_err(|e| {
-                    BrokerError::internal(format!("changing voters to {wanted:?}: {e}"))
-                })?;
+                .map_err(|e| membership_error(format!("changing voters to {wanted:?}"), e))?;
         }
         confirm_voters(raft, &wanted).await?;
         self.propose_anywhere(ControllerCommand::CompleteMove {
@@ -358,10 +374,10 @@ impl Topics {
                     ),
                 )
             })?
-            .map_err(|e| BrokerError::internal(format!("adding node {id} as learner: {e}")))?;
+            .map_err(|e| membership_error(format!("adding node {id} as learner"), e))?;
             raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| BrokerError::internal(format!("making node {id} a voter: {e}")))?;
+                .map_err(|e| membership_error(format!("making node {id} a voter"), e))?;
             tracing::info!(node = id, %addr, "node added to the controller");
         }
         let nodes = self.controller_voters();
@@ -457,9 +473,7 @@ impl Topics {
             .raft
             .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
             .await
-            .map_err(|e| {
-                BrokerError::internal(format!("removing node {id} from the controller: {e}"))
-            })?;
+            .map_err(|e| membership_error(format!("removing node {id} from the controller"), e))?;
         tracing::info!(node = id, "node removed from the cluster");
         // It no longer hears from the controller: tell it, so that it stops
         // instead of serving stale metadata. Best effort (it may be down).
