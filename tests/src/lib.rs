@@ -7,6 +7,7 @@
 
 pub mod acked;
 pub mod cluster;
+pub mod membership;
 pub mod netns;
 
 use std::net::UdpSocket;

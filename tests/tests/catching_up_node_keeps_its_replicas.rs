@@ -15,66 +15,18 @@
 //! sees the "moved away" state for a while. A file left in node 1's replica
 //! directory must survive its restart and catch-up.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrowbus::NewTopic;
 use arrowbus_tests::acked::{check_acked_present, Load};
 use arrowbus_tests::cluster::{partition_dir, Cluster};
+use arrowbus_tests::membership::{await_moves_done, busctl, ids, json};
 use serde_json::Value;
 
 const PARTITIONS: u32 = 4;
 /// Controller entries between the move away and the move back: more than
 /// one append's worth (openraft sends at most 256 entries per append).
 const FILLER_ENTRIES: usize = 600;
-
-/// Run busctl with `args`; (exit code, stdout, stderr).
-fn busctl(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let out = cluster
-        .busctl()
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running busctl: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(stdout: &str) -> Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("busctl JSON {stdout:?}: {e}"))
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("{v} is not an array"))
-        .iter()
-        .map(|x| x.as_u64().unwrap_or_else(|| panic!("{x} is not a node id")))
-        .collect()
-}
-
-/// Wait (up to 60 s) until no partition of `topic` is moving; returns each
-/// partition's replicas.
-async fn await_moves_done(
-    client: &arrowbus::Client,
-    topic: &str,
-    cluster: &Cluster,
-) -> Vec<Vec<u64>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(info) = client.admin().describe_topic(topic).await {
-            if info.partitions.iter().all(|p| p.moving_to.is_empty()) {
-                return info.partitions.iter().map(|p| p.replicas.clone()).collect();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moves of {topic} did not finish in 60 s\n{}",
-                cluster.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_catching_up_never_deletes_a_replica_raft_counts() {

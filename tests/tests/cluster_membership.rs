@@ -9,23 +9,10 @@ use std::time::{Duration, Instant};
 use arrowbus::NewTopic;
 use arrowbus_tests::acked::{check_acked_present, Load};
 use arrowbus_tests::cluster::Cluster;
+use arrowbus_tests::membership::{await_moves_done, busctl, ids, json};
 use serde_json::Value;
 
 const PARTITIONS: u32 = 4;
-
-/// Run busctl with `args`; (exit code, stdout, stderr).
-fn busctl(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let out = cluster
-        .busctl()
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running busctl: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `busctl cluster remove-node ID` must succeed and report the node gone;
 /// its JSON answer.
@@ -49,45 +36,6 @@ fn remove_node(cluster: &Cluster, id: u64) -> Value {
     let change = json(&out);
     assert_eq!(change["removed"], Value::Bool(true), "{change}");
     change
-}
-
-fn json(stdout: &str) -> Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("busctl JSON {stdout:?}: {e}"))
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("{v} is not an array"))
-        .iter()
-        .map(|x| x.as_u64().unwrap_or_else(|| panic!("{x} is not a node id")))
-        .collect()
-}
-
-/// Wait (up to 60 s) until no partition of `topic` is moving; returns each
-/// partition's replicas.
-async fn await_moves_done(
-    client: &arrowbus::Client,
-    topic: &str,
-    cluster: &Cluster,
-) -> Vec<Vec<u64>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(info) = client.admin().describe_topic(topic).await {
-            if info.partitions.iter().all(|p| p.moving_to.is_empty()) {
-                return info.partitions.iter().map(|p| p.replicas.clone()).collect();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moves of {topic} did not finish in 60 s: {:?}\n{}",
-                info.partitions
-                    .iter()
-                    .map(|p| (&p.replicas, &p.moving_to))
-                    .collect::<Vec<_>>(),
-                cluster.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `n` nodes, topic "ticks" with [`PARTITIONS`] partitions of 3 replicas,
