@@ -605,6 +605,33 @@ fn bootstrap_multi_node(cfg: &ClusterConfig, specs: &[NodeSpec]) -> Result<PathB
 pub struct Net {
     instance: u8,
     nodes: u32,
+    /// Held for the run: a second run of the same instance would remove
+    /// this one's namespaces (and kill its nodes) when it sets up.
+    _lock: std::fs::File,
+}
+
+/// Claim harness instance `instance` for this process (an exclusive lock
+/// on a file in the temp directory, released when the file is dropped or
+/// the process dies).
+pub fn lock_instance(instance: u8) -> Result<std::fs::File> {
+    let path = std::env::temp_dir().join(format!("jepsen-like-instance-{instance}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "harness instance {instance} is in use by another jepsen-like run (lock {}); \
+             pick another --instance",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 impl Net {
@@ -630,8 +657,13 @@ impl Net {
         if nodes == 0 || nodes > 200 {
             bail!("{nodes} nodes: use 1 to 200");
         }
+        let lock = lock_instance(instance)?;
         cleanup_instance(instance);
-        let net = Net { instance, nodes };
+        let net = Net {
+            instance,
+            nodes,
+            _lock: lock,
+        };
         let br = Self::bridge(instance);
         let subnet = format!("{}/24", net.clients_ip());
         sh("ip", &["link", "add", &br, "type", "bridge"])?;
@@ -765,4 +797,23 @@ fn sh(cmd: &str, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod instance_lock_tests {
+    use super::lock_instance;
+
+    #[test]
+    fn a_second_run_of_an_instance_is_refused_until_the_first_ends() {
+        // 198: not an instance the scripts use.
+        let first = lock_instance(198).expect("first lock");
+        let err = lock_instance(198).expect_err("second lock must fail");
+        assert!(
+            err.to_string().contains("instance 198 is in use"),
+            "unexpected error: {err:#}"
+        );
+        drop(first);
+        let again = lock_instance(198).expect("free again once the first ends");
+        drop(again);
+    }
 }
