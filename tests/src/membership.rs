@@ -61,3 +61,27 @@ pub async fn await_moves_done(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `n` nodes, topic `topic` with `partitions` partitions of 3 replicas, and
+/// a producer publishing to all of them (20 acks in).
+pub async fn loaded_cluster(
+    n: usize,
+    topic: &'static str,
+    partitions: u32,
+) -> (Cluster, arrowbus::Client, crate::acked::Load) {
+    let cluster = Cluster::start(n);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            arrowbus::NewTopic::new(topic)
+                .partitions(partitions)
+                .replication_factor(3),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    let mut load = crate::acked::Load::start(cluster.client().await, topic, partitions);
+    load.await_acks(20, "before any change", || cluster.logs())
+        .await;
+    (cluster, client, load)
+}

@@ -17,10 +17,9 @@
 
 use std::time::Duration;
 
-use arrowbus::NewTopic;
-use arrowbus_tests::acked::{check_acked_present, Load};
-use arrowbus_tests::cluster::{partition_dir, Cluster};
-use arrowbus_tests::membership::{await_moves_done, busctl, ids, json};
+use arrowbus_tests::acked::check_acked_present;
+use arrowbus_tests::cluster::partition_dir;
+use arrowbus_tests::membership::{await_moves_done, busctl, ids, json, loaded_cluster};
 use serde_json::Value;
 
 const PARTITIONS: u32 = 4;
@@ -30,20 +29,7 @@ const FILLER_ENTRIES: usize = 600;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_catching_up_never_deletes_a_replica_raft_counts() {
-    let mut cluster = Cluster::start(3);
-    let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            NewTopic::new("ticks")
-                .partitions(PARTITIONS)
-                .replication_factor(3),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
-    let mut load = Load::start(cluster.client().await, "ticks", PARTITIONS);
-    load.await_acks(20, "before any change", || cluster.logs())
-        .await;
+    let (mut cluster, client, mut load) = loaded_cluster(3, "ticks", PARTITIONS).await;
 
     // Node 1 goes down, and stays down while its partitions move.
     cluster.kill9(1);

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use arrowbus::NewTopic;
-use arrowbus_tests::acked::{check_acked_present, Load};
+use arrowbus_tests::acked::check_acked_present;
 use arrowbus_tests::cluster::Cluster;
-use arrowbus_tests::membership::{await_moves_done, busctl, ids, json};
+use arrowbus_tests::membership::{await_moves_done, busctl, ids, json, loaded_cluster};
 use serde_json::Value;
 
 const PARTITIONS: u32 = 4;
@@ -38,29 +38,9 @@ fn remove_node(cluster: &Cluster, id: u64) -> Value {
     change
 }
 
-/// `n` nodes, topic "ticks" with [`PARTITIONS`] partitions of 3 replicas,
-/// and a producer publishing to all of them (20 acks in).
-async fn loaded_cluster(n: usize) -> (Cluster, arrowbus::Client, Load) {
-    let cluster = Cluster::start(n);
-    let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            NewTopic::new("ticks")
-                .partitions(PARTITIONS)
-                .replication_factor(3),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
-    let mut load = Load::start(cluster.client().await, "ticks", PARTITIONS);
-    load.await_acks(20, "before any change", || cluster.logs())
-        .await;
-    (cluster, client, load)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
-    let (mut cluster, client, mut load) = loaded_cluster(3).await;
+    let (mut cluster, client, mut load) = loaded_cluster(3, "ticks", PARTITIONS).await;
 
     // Node 4 starts empty and joins: 12 replicas over 4 nodes, so 3 move
     // to it, each replacing one replica of a different partition.
@@ -237,7 +217,7 @@ async fn membership_changes_that_would_lose_replicas_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
-    let (mut cluster, client, mut load) = loaded_cluster(4).await;
+    let (mut cluster, client, mut load) = loaded_cluster(4, "ticks", PARTITIONS).await;
     // Node 2 crashes for good; the operator removes it.
     cluster.kill9(2);
     let change = remove_node(&cluster, 2);
