@@ -85,3 +85,46 @@ pub async fn loaded_cluster(
         .await;
     (cluster, client, load)
 }
+
+/// `busctl cluster add-node ID ADDR` (ADDR: node `id`'s own address) must
+/// succeed; its JSON answer.
+pub fn add_node(cluster: &Cluster, id: u64) -> Value {
+    let addr = cluster.node(id).addr();
+    let (code, out, err) = busctl(
+        cluster,
+        &[
+            "--output",
+            "json",
+            "cluster",
+            "add-node",
+            &id.to_string(),
+            &addr,
+        ],
+    );
+    assert_eq!(code, 0, "add-node {id} failed: {err}\n{}", cluster.logs());
+    json(&out)
+}
+
+/// `busctl cluster remove-node ID` must succeed and report the node gone;
+/// its JSON answer.
+pub fn remove_node(cluster: &Cluster, id: u64) -> Value {
+    let (code, out, err) = busctl(
+        cluster,
+        &[
+            "--output",
+            "json",
+            "cluster",
+            "remove-node",
+            &id.to_string(),
+        ],
+    );
+    assert_eq!(
+        code,
+        0,
+        "remove-node {id} failed: {err}\n{}",
+        cluster.logs()
+    );
+    let change = json(&out);
+    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    change
+}

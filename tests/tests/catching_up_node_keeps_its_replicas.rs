@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use arrowbus_tests::acked::check_acked_present;
 use arrowbus_tests::cluster::partition_dir;
-use arrowbus_tests::membership::{await_moves_done, busctl, ids, json, loaded_cluster};
-use serde_json::Value;
+use arrowbus_tests::membership::{add_node, await_moves_done, ids, loaded_cluster, remove_node};
 
 const PARTITIONS: u32 = 4;
 /// Controller entries between the move away and the move back: more than
@@ -39,13 +38,7 @@ async fn a_node_catching_up_never_deletes_a_replica_raft_counts() {
     // the lowest id).
     let new = cluster.start_joining_node();
     assert_eq!(new, 4);
-    let addr = cluster.node(4).addr();
-    let (code, out, err) = busctl(
-        &cluster,
-        &["--output", "json", "cluster", "add-node", "4", &addr],
-    );
-    assert_eq!(code, 0, "add-node failed: {err}\n{}", cluster.logs());
-    let change = json(&out);
+    let change = add_node(&cluster, 4);
     let moved_from_1: Vec<u32> = change["moves"]
         .as_array()
         .unwrap_or_else(|| panic!("{change}"))
@@ -84,13 +77,7 @@ async fn a_node_catching_up_never_deletes_a_replica_raft_counts() {
     // Node 4 leaves: its replicas move back, partition `p`'s to node 1
     // (the only node without one), which is still down: the group makes it
     // a voter again on the other two replicas' say.
-    let (code, out, err) = busctl(
-        &cluster,
-        &["--output", "json", "cluster", "remove-node", "4"],
-    );
-    assert_eq!(code, 0, "remove-node 4 failed: {err}\n{}", cluster.logs());
-    let change = json(&out);
-    assert_eq!(change["removed"], Value::Bool(true), "{change}");
+    remove_node(&cluster, 4);
     let replicas = await_moves_done(&client, "ticks", &cluster).await;
     assert!(
         replicas[p as usize].contains(&1),

@@ -9,34 +9,11 @@ use std::time::{Duration, Instant};
 use arrowbus::NewTopic;
 use arrowbus_tests::acked::check_acked_present;
 use arrowbus_tests::cluster::Cluster;
-use arrowbus_tests::membership::{await_moves_done, busctl, ids, json, loaded_cluster};
-use serde_json::Value;
+use arrowbus_tests::membership::{
+    add_node, await_moves_done, busctl, ids, json, loaded_cluster, remove_node,
+};
 
 const PARTITIONS: u32 = 4;
-
-/// `busctl cluster remove-node ID` must succeed and report the node gone;
-/// its JSON answer.
-fn remove_node(cluster: &Cluster, id: u64) -> Value {
-    let (code, out, err) = busctl(
-        cluster,
-        &[
-            "--output",
-            "json",
-            "cluster",
-            "remove-node",
-            &id.to_string(),
-        ],
-    );
-    assert_eq!(
-        code,
-        0,
-        "remove-node {id} failed: {err}\n{}",
-        cluster.logs()
-    );
-    let change = json(&out);
-    assert_eq!(change["removed"], Value::Bool(true), "{change}");
-    change
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
@@ -46,13 +23,7 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
     // to it, each replacing one replica of a different partition.
     let new = cluster.start_joining_node();
     assert_eq!(new, 4);
-    let addr = cluster.node(4).addr();
-    let (code, out, err) = busctl(
-        &cluster,
-        &["--output", "json", "cluster", "add-node", "4", &addr],
-    );
-    assert_eq!(code, 0, "add-node failed: {err}\n{}", cluster.logs());
-    let change = json(&out);
+    let change = add_node(&cluster, 4);
     let moves = change["moves"]
         .as_array()
         .unwrap_or_else(|| panic!("{change}"));
