@@ -674,6 +674,38 @@ impl Topics {
             })
             .await
             .map_err(storage_err)?;
+        // From here on the group runs and answers RPCs: a failure must stop
+        // it again, or the next reconcile would open a second instance on
+        // the same files beside it.
+        match self.start_partition(&group, t, p, create).await {
+            Ok(last_ts) => {
+                tracing::info!(topic = %t.name, partition = p, replicas = ?t.assignments.get(p as usize),
+                    moving_to = ?t.moving.get(&p), "partition replica started");
+                Ok(Partition {
+                    topic: t.name.clone(),
+                    id: p,
+                    group,
+                    node_id: self.node_id,
+                    last_ts: Mutex::new((last_ts, 0)),
+                })
+            }
+            Err(e) => {
+                group.shutdown(&self.env.registry).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of [`Topics::open_partition`] after its group is open:
+    /// the newest batch's timestamp, and the group's creation if this node
+    /// is the one to create it.
+    async fn start_partition(
+        &self,
+        group: &Group<PartitionApplier>,
+        t: &TopicRecord,
+        p: u32,
+        create: Option<&[NodeId]>,
+    ) -> Result<i64, BrokerError> {
         let last = group.store.log().last_enqueued();
         let last_ts = match last.last_log_id {
             Some(id) => group
@@ -706,15 +738,7 @@ impl Topics {
             // is usable as soon as its creation returns.
             let _ = group.raft.trigger().elect(false).await;
         }
-        tracing::info!(topic = %t.name, partition = p, replicas = ?t.assignments.get(p as usize),
-            moving_to = ?t.moving.get(&p), "partition replica started");
-        Ok(Partition {
-            topic: t.name.clone(),
-            id: p,
-            group,
-            node_id: self.node_id,
-            last_ts: Mutex::new((last_ts, 0)),
-        })
+        Ok(last_ts)
     }
 
     /// The controller group's membership: the node registry.

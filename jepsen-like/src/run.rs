@@ -328,7 +328,9 @@ async fn read_node_logs(
             Ok(s) => {
                 let s = s.clone();
                 tokio::task::spawn_blocking(move || {
-                    crate::disk::read_node_log(&dir, &topic, keys, &s)
+                    // Beside the node's data: `nodes/<id>/log-dump.txt`.
+                    let dump = dir.parent().map(|d| d.join("log-dump.txt"));
+                    crate::disk::read_node_log(&dir, &topic, keys, &s, dump.as_deref())
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("log read task: {e}")))

@@ -81,6 +81,16 @@ impl RaftTiming {
             max_in_snapshot_log_to_keep: u64::MAX,
             snapshot_policy: openraft::SnapshotPolicy::Never,
             enable_pre_vote: Some(true),
+            // A restarted leader must win a new term before it writes
+            // (openraft's default lets it carry on in its old one). A leader
+            // replicates entries before its own copy is durable, so a crash
+            // can take from its log entries that followers hold; carrying on
+            // in the same term it would write new entries under those very
+            // log ids, and followers, already holding the ids, would keep
+            // the old entries: diverged replicas and an overwritten
+            // acknowledged batch (jepsen-like found it;
+            // tests/tests/restarted_leader_takes_a_new_term.rs).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         cfg.validate()

@@ -630,9 +630,28 @@ fn decode_vote_response(w: &peer::VoteResponse) -> VoteResponse<TypeConfig> {
     }
 }
 
+/// Where an append's first entry must be: right after `prev_log_id`
+/// (Raft indexes start at 0). A request whose entries start elsewhere would
+/// make the follower keep whatever it holds in between as if it matched the
+/// leader's log, so neither side lets one through.
+fn check_follows_prev(
+    prev_log_id: Option<&types::LogId>,
+    first: Option<&Entry>,
+) -> Result<(), String> {
+    let want = prev_log_id.map_or(0, |p| p.index + 1);
+    match first.map(|e| e.index()) {
+        Some(got) if got != want => Err(format!(
+            "entries start at index {got}, but prev_log_id says the next index is {want}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn encode_append(
     rpc: &AppendEntriesRequest<TypeConfig>,
 ) -> Result<(AppendRequest, Bytes), PeerError> {
+    check_follows_prev(rpc.prev_log_id.as_ref(), rpc.entries.first())
+        .map_err(|e| PeerError(format!("refusing to send a malformed append: {e}")))?;
     let mut body = BytesMut::new();
     let mut entries = Vec::with_capacity(rpc.entries.len());
     for e in &rpc.entries {
@@ -715,9 +734,11 @@ fn decode_append(
             return Err("entries are not consecutive".into());
         }
     }
+    let prev_log_id = req.prev_log_id.as_ref().map(from_wire_log_id);
+    check_follows_prev(prev_log_id.as_ref(), entries.first())?;
     Ok(AppendEntriesRequest {
         vote: from_wire_vote(&req.vote),
-        prev_log_id: req.prev_log_id.as_ref().map(from_wire_log_id),
+        prev_log_id,
         leader_commit: req.leader_commit.as_ref().map(from_wire_log_id),
         entries,
     })
@@ -1231,4 +1252,53 @@ async fn read_frame<M: arrowbus_wire::codec::Message>(
         .await
         .map_err(|e| PeerError(format!("read: {e}")))?;
     Ok(Some((msg, Bytes::from(body))))
+}
+
+#[cfg(test)]
+mod append_tests {
+    use super::*;
+    use crate::types::{log_id, Command, Vote};
+
+    fn request(prev: Option<u64>, first: u64, n: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: prev.map(|p| log_id(2, 1, p)),
+            leader_commit: None,
+            entries: (first..first + n)
+                .map(|i| Entry::new_normal(log_id(2, 1, i), Command::controller(&[i as u8])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn appends_whose_entries_follow_prev_round_trip() {
+        for (prev, first) in [(None, 0), (Some(4), 5)] {
+            let (req, body) = encode_append(&request(prev, first, 3)).unwrap();
+            let back = decode_append(&req, body).unwrap();
+            let idx: Vec<u64> = back.entries.iter().map(|e| e.index()).collect();
+            assert_eq!(idx, vec![first, first + 1, first + 2]);
+            assert_eq!(back.prev_log_id.map(|p| p.index), prev);
+        }
+        // A heartbeat (no entries) follows any prev.
+        let (req, body) = encode_append(&request(Some(9), 10, 0)).unwrap();
+        assert!(decode_append(&req, body).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn entries_that_skip_or_overlap_prev_are_refused_on_both_sides() {
+        // prev 4 but entries from 6 (a gap: the follower would keep its
+        // entry 5 as if it were the leader's), from 4 (overlap), and a
+        // first append that does not start at index 0.
+        for (prev, first) in [(Some(4), 6), (Some(4), 4), (None, 1)] {
+            let rpc = request(prev, first, 2);
+            let err = encode_append(&rpc).unwrap_err();
+            assert!(err.0.contains("malformed append"), "{}", err.0);
+            // A peer that sends one anyway is refused by the receiver: a
+            // well-formed request with its prev_log_id changed on the wire.
+            let (mut req, body) = encode_append(&request(Some(first - 1), first, 2)).unwrap();
+            req.prev_log_id = prev.map(|p| wire_log_id(&log_id(2, 1, p)));
+            let err = decode_append(&req, body).unwrap_err();
+            assert!(err.contains("prev_log_id says the next index"), "{err}");
+        }
+    }
 }

@@ -400,7 +400,13 @@ impl Drop for Cluster {
 /// Partition `p`'s directory of the topic whose directory name starts with
 /// `topic_dir_prefix` (e.g. `"ticks-"`) on `node`.
 pub fn partition_dir(node: &Node, topic_dir_prefix: &str, p: u32) -> PathBuf {
-    let topics = node.data_dir().join("topics");
+    partition_dir_in(&node.data_dir(), topic_dir_prefix, p)
+}
+
+/// Partition `p`'s directory of the topic whose directory name starts with
+/// `topic_dir_prefix`, in the node data directory `data_dir`.
+pub fn partition_dir_in(data_dir: &Path, topic_dir_prefix: &str, p: u32) -> PathBuf {
+    let topics = data_dir.join("topics");
     std::fs::read_dir(&topics)
         .unwrap_or_else(|e| panic!("{}: {e}", topics.display()))
         .filter_map(|e| e.ok())
@@ -409,7 +415,7 @@ pub fn partition_dir(node: &Node, topic_dir_prefix: &str, p: u32) -> PathBuf {
                 .to_string_lossy()
                 .starts_with(topic_dir_prefix)
         })
-        .unwrap_or_else(|| panic!("node {} has no {topic_dir_prefix}* directory", node.id))
+        .unwrap_or_else(|| panic!("{} has no {topic_dir_prefix}* directory", topics.display()))
         .path()
         .join(format!("p-{p}"))
 }
@@ -417,6 +423,15 @@ pub fn partition_dir(node: &Node, topic_dir_prefix: &str, p: u32) -> PathBuf {
 /// The data records of a partition log on disk (a stopped node's):
 /// (base offset, rows, body CRC) in log order.
 pub fn data_records(partition_dir: &Path) -> Vec<(u64, u32, u32)> {
+    data_headers(partition_dir)
+        .into_iter()
+        .map(|h| (h.base_offset, h.row_count, h.body_crc))
+        .collect()
+}
+
+/// The headers of the data records of a partition log on disk (a stopped
+/// node's), in log order: with their Raft log ids.
+pub fn data_headers(partition_dir: &Path) -> Vec<arrowbus_wire::BatchHeader> {
     use arrowbus_raft::log::{LogConfig, PartitionLog};
     let (log, _) = PartitionLog::open(partition_dir, LogConfig::default())
         .unwrap_or_else(|e| panic!("opening {}: {e}", partition_dir.display()));
@@ -429,7 +444,7 @@ pub fn data_records(partition_dir: &Path) -> Vec<(u64, u32, u32)> {
         .unwrap_or_else(|e| panic!("reading {}: {e}", partition_dir.display()))
     {
         if b.header.kind == arrowbus_wire::BatchKind::Data {
-            out.push((b.header.base_offset, b.header.row_count, b.header.body_crc));
+            out.push(b.header);
         }
     }
     log.close();
