@@ -35,6 +35,7 @@ use crate::error::BrokerError;
 use crate::ipc::{self, TopicSchema};
 
 mod moves;
+mod revive;
 pub use moves::NodeChange;
 
 /// Free space a partition's file system keeps in reserve: Raft's own
@@ -367,6 +368,8 @@ pub struct Topics {
     /// this node catches up (see [`Topics::controller_caught_up`]). A topic
     /// unknown here then may just not have reached this node yet.
     caught_up: std::sync::atomic::AtomicBool,
+    /// Set by [`Topics::close_all`]: nothing opens a group after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Topics {
@@ -433,6 +436,7 @@ impl Topics {
             reconcile_lock: tokio::sync::Mutex::new(()),
             moves: moves::Running::default(),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         // Serve clients only with the partitions of a current state: a
         // restarted node replays its controller log first. One that cannot
@@ -446,6 +450,8 @@ impl Topics {
         tokio::spawn(async move { t.reconcile_loop().await });
         let t = topics.clone();
         tokio::spawn(async move { t.move_loop().await });
+        let t = topics.clone();
+        tokio::spawn(async move { t.revive_loop().await });
         Ok(topics)
     }
 
@@ -537,6 +543,9 @@ impl Topics {
     /// controller (see [`Topics::controller_caught_up`]).
     async fn reconcile(&self) -> Result<bool, BrokerError> {
         let _guard = self.reconcile_lock.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(true); // shutting down: nothing is opened any more
+        }
         let pos = self.controller.sm.position();
         // Under the state machine's lock: the records and their index agree.
         let (records, applied) = self
@@ -1050,6 +1059,11 @@ impl Topics {
 
     /// Stop every group and close every log.
     pub async fn close_all(&self) {
+        {
+            let _guard = self.reconcile_lock.lock().await;
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let parts: Vec<Arc<Partition>> = self.lock_groups().drain().map(|(_, p)| p).collect();
         for p in parts {
             p.group.shutdown(&self.env.registry).await;

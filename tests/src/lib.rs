@@ -9,6 +9,7 @@ pub mod acked;
 pub mod cluster;
 pub mod membership;
 pub mod netns;
+pub mod tmpfs;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use arrowbus::{ErrorCode, NewTopic};
+use arrowbus_tests::tmpfs::Tmpfs;
 use arrowbus_tests::{read_seqs, ticks, Busd};
 
 /// Size of the test file system: room for the certificates, topic metadata
@@ -14,31 +15,6 @@ use arrowbus_tests::{read_seqs, ticks, Busd};
 const FS_MIB: u64 = 24;
 /// Filler that takes most of it, freed later to "return space".
 const FILLER_MIB: u64 = 12;
-
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={FS_MIB}m"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a tmpfs and needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// A small tmpfs in a temporary directory, and a node directory inside it.
 /// Drop order matters to callers: the node, then the tmpfs, then `outer`.
@@ -48,7 +24,7 @@ fn node_on_tmpfs() -> (tempfile::TempDir, PathBuf, Tmpfs, tempfile::TempDir) {
         .tempdir()
         .unwrap();
     let mount_dir = outer.path().join("fs");
-    let fs = Tmpfs::mount(&mount_dir);
+    let fs = Tmpfs::mount(&mount_dir, FS_MIB);
     let node_dir = tempfile::Builder::new()
         .prefix("node-")
         .tempdir_in(&mount_dir)
