@@ -81,9 +81,7 @@ pub struct NodeChange {
 /// entries). Both reads below go through the Raft core, and the read index
 /// needs a quorum: a dead core or a deposed leader fails here.
 async fn confirm_voters(
-    raft: &arrowbus_raft::types::Raft<
-        arrowbus_raft::sm::StateMachine<arrowbus_raft::group::PartitionApplier>,
-    >,
+    raft: &PartitionRaft,
     wanted: &BTreeSet<NodeId>,
 ) -> Result<(), BrokerError> {
     tokio::time::timeout(
@@ -125,6 +123,71 @@ async fn confirm_voters(
         ));
     }
     Ok(())
+}
+
+type PartitionRaft = arrowbus_raft::types::Raft<
+    arrowbus_raft::sm::StateMachine<arrowbus_raft::group::PartitionApplier>,
+>;
+
+/// How long a new replica may make no progress before a move stops
+/// waiting for it to catch up (see [`caught_up`]).
+const CATCH_UP_STALL: Duration = Duration::from_secs(5);
+
+/// Wait until this leader has replicated to `node` every entry it held when
+/// the wait began. A replica that makes no progress for [`CATCH_UP_STALL`]
+/// (its node is down) is not waited for: the move goes on as Raft allows,
+/// with the group's other voters a majority, and the replica catches up
+/// when its node returns. `Err(None)` at `deadline`; `Err(Some(NotLeader))`
+/// as soon as this replica stops leading (a new leader resumes the move).
+async fn caught_up(
+    raft: &PartitionRaft,
+    node: NodeId,
+    deadline: tokio::time::Instant,
+    topic: &str,
+    partition: u32,
+) -> Result<(), Option<BrokerError>> {
+    let matched = |m: &openraft::RaftMetrics<arrowbus_raft::types::TypeConfig>| {
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&node))
+            .and_then(|l| l.as_ref())
+            .map(|l| l.index)
+    };
+    let mut rx = raft.metrics();
+    let target = rx.borrow_watched().last_log_index;
+    let mut last = (matched(&rx.borrow_watched()), tokio::time::Instant::now());
+    loop {
+        let m = rx.borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            let hint = m.current_leader.filter(|l| *l != m.id);
+            return Err(Some(super::not_leader(
+                hint,
+                format!("partition {topic}/{partition} (moving it)"),
+            )));
+        }
+        let now_matched = matched(&m);
+        if now_matched >= target {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now_matched > last.0 {
+            last = (now_matched, now);
+        } else if now.duration_since(last.1) >= CATCH_UP_STALL {
+            tracing::warn!(topic, partition, node, matched = ?now_matched, target = ?target,
+                "new replica makes no progress (node down?); moving without waiting for it");
+            return Ok(());
+        }
+        if now >= deadline {
+            tracing::warn!(topic, partition, node, matched = ?now_matched, target = ?target,
+                "new replica still catching up");
+            return Err(None);
+        }
+        // Wake for a metrics change, or to look at the stall and deadline.
+        let wake = deadline.min(last.1 + CATCH_UP_STALL);
+        if let Ok(Err(_)) = tokio::time::timeout_at(wake, rx.changed()).await {
+            return Err(None); // the group is gone
+        }
+    }
 }
 
 /// A failed membership change: leadership lost or not yet known (an
@@ -246,24 +309,32 @@ impl Topics {
                 "moving partition");
             let known: HashSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
             let addrs = self.node_addrs();
+            let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+            let too_slow = |n: &NodeId| {
+                BrokerError::new(
+                    ErrorCode::Timeout,
+                    format!("node {n} did not catch up within {CATCH_UP_TIMEOUT:?}"),
+                )
+            };
             for n in wanted.iter().filter(|n| !known.contains(n)) {
                 let addr = addrs.get(n).cloned().ok_or_else(|| {
                     BrokerError::internal(format!("node {n} has no address in the controller"))
                 })?;
-                // Blocking: returns once the new replica has caught up, so
-                // the voter change below does not stall on it.
-                tokio::time::timeout(
-                    CATCH_UP_TIMEOUT,
-                    raft.add_learner(*n, BasicNode { addr }, true),
-                )
-                .await
-                .map_err(|_| {
-                    BrokerError::new(
-                        ErrorCode::Timeout,
-                        format!("node {n} did not catch up within {CATCH_UP_TIMEOUT:?}"),
-                    )
-                })?
-                .map_err(|e| membership_error(format!("adding node {n} as learner"), e))?;
+                tokio::time::timeout_at(deadline, raft.add_learner(*n, BasicNode { addr }, true))
+                    .await
+                    .map_err(|_| too_slow(n))?
+                    .map_err(|e| membership_error(format!("adding node {n} as learner"), e))?;
+            }
+            // A blocking add_learner returns once the learner is within
+            // openraft's replication lag threshold (thousands of entries),
+            // and a learner left by an earlier attempt was not waited for
+            // at all. Every new voter must hold what the leader holds now,
+            // or right after the voter change the group's commits would
+            // wait for a replica still copying its backlog.
+            for n in wanted.iter().filter(|n| !voters.contains(n)) {
+                caught_up(raft, *n, deadline, &part.topic, part.id)
+                    .await
+                    .map_err(|e| e.unwrap_or_else(|| too_slow(n)))?;
             }
             raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
                 .await
