@@ -34,22 +34,21 @@ pub async fn read_frame<M: Message>(
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let header = FrameHeader::decode(&head, M::DIRECTION)?;
-    let mut control = vec![0u8; header.control_len as usize];
-    read_exact(recv, &mut control).await?;
+    let control = read_exact(recv, header.control_len as usize).await?;
     let msg = decode_control::<M>(&control)?;
-    let mut body = vec![0u8; header.body_len as usize];
-    read_exact(recv, &mut body).await?;
+    let body = read_exact(recv, header.body_len as usize).await?;
     Ok(Some(Frame { msg, body }))
 }
 
-async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), ReadError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(got) => ReadError::Frame(FrameError::Truncated {
-            expected: buf.len(),
-            got,
-        }),
-        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
-    })
+async fn read_exact(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, ReadError> {
+    arrowbus_quic::read_exact_vec(recv, len)
+        .await
+        .map_err(|e| match e {
+            quinn::ReadExactError::FinishedEarly(got) => {
+                ReadError::Frame(FrameError::Truncated { expected: len, got })
+            }
+            quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+        })
 }
 
 #[derive(Debug, thiserror::Error)]

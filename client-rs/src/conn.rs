@@ -422,11 +422,13 @@ pub(crate) async fn read_frame<M: Message>(
         Err(e) => return Err(transport(e)),
     }
     let header = FrameHeader::decode(&head, M::DIRECTION).map_err(protocol)?;
-    let mut control = vec![0u8; header.control_len as usize];
-    recv.read_exact(&mut control).await.map_err(transport)?;
+    let control = arrowbus_quic::read_exact_vec(recv, header.control_len as usize)
+        .await
+        .map_err(transport)?;
     let msg = decode_control::<M>(&control).map_err(protocol)?;
-    let mut body = vec![0u8; header.body_len as usize];
-    recv.read_exact(&mut body).await.map_err(transport)?;
+    let body = arrowbus_quic::read_exact_vec(recv, header.body_len as usize)
+        .await
+        .map_err(transport)?;
     Ok(Some(Frame { msg, body }))
 }
 

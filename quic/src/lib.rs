@@ -227,6 +227,25 @@ pub fn server_endpoint(
     )
 }
 
+/// Read exactly `len` bytes from `recv` into a new vector, like
+/// [`quinn::RecvStream::read_exact`] into `vec![0; len]` but without zeroing
+/// the buffer first: the received chunks are appended as they come. A
+/// megabyte batch body is otherwise written twice (zeroes, then data).
+/// `len` must already be checked against the protocol's limits.
+pub async fn read_exact_vec(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+) -> Result<Vec<u8>, quinn::ReadExactError> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Err(quinn::ReadExactError::FinishedEarly(buf.len())),
+        }
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

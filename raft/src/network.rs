@@ -1242,13 +1242,11 @@ async fn read_frame<M: arrowbus_wire::codec::Message>(
         Err(e) => return Err(PeerError(format!("read: {e}"))),
     }
     let header = FrameHeader::decode(&head, M::DIRECTION).map_err(|e| PeerError(e.to_string()))?;
-    let mut control = vec![0u8; header.control_len as usize];
-    recv.read_exact(&mut control)
+    let control = arrowbus_quic::read_exact_vec(recv, header.control_len as usize)
         .await
         .map_err(|e| PeerError(format!("read: {e}")))?;
     let msg = arrowbus_wire::decode_control::<M>(&control).map_err(|e| PeerError(e.to_string()))?;
-    let mut body = vec![0u8; header.body_len as usize];
-    recv.read_exact(&mut body)
+    let body = arrowbus_quic::read_exact_vec(recv, header.body_len as usize)
         .await
         .map_err(|e| PeerError(format!("read: {e}")))?;
     Ok(Some((msg, Bytes::from(body))))
