@@ -270,6 +270,25 @@ impl Cluster {
         }
     }
 
+    /// Create topic `name` with `partitions` partitions, each replicated on
+    /// three nodes; panics with the nodes' logs if the cluster refuses.
+    pub async fn create_replicated_topic(
+        &self,
+        client: &arrowbus::Client,
+        name: &str,
+        partitions: u32,
+    ) {
+        client
+            .admin()
+            .create_topic(
+                arrowbus::NewTopic::new(name)
+                    .partitions(partitions)
+                    .replication_factor(3),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.logs()));
+    }
+
     /// SIGTERM node `id` and wait; its exit code.
     pub fn terminate(&mut self, id: u64) -> Option<i32> {
         let mut c = self.nodes[(id - 1) as usize].child.take()?;

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use arrowbus::NewTopic;
 use arrowbus_tests::acked::{check_acked_present, Acked, Load, ROWS_PER_BATCH};
 use arrowbus_tests::cluster::{data_records, partition_dir, Cluster};
 use arrowbus_tests::{seed, seqs, ticks};
@@ -58,11 +57,7 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
     let seed = seed();
     let mut cluster = Cluster::start(3);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new("ticks").partitions(1).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, "ticks", 1).await;
 
     let mut load = Load::start(cluster.client().await, "ticks", 1);
     load.await_acks(20, "before any fault", || cluster.logs())
@@ -110,11 +105,7 @@ async fn acked_batches_survive_leader_kills_on_every_replica() {
 async fn whole_cluster_kill9_and_restart_keeps_acked_batches() {
     let mut cluster = Cluster::start(3);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new("ticks").partitions(1).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, "ticks", 1).await;
     let producer = client.producer();
     let mut acked = Acked::new();
     for i in 0..40 {
@@ -147,11 +138,7 @@ async fn lost_controller_state_is_rebuilt_from_the_raft_log() {
     let mut cluster = Cluster::start(3);
     let client = cluster.client().await;
     for (name, parts) in [("alpha", 2u32), ("beta", 3)] {
-        client
-            .admin()
-            .create_topic(NewTopic::new(name).partitions(parts).replication_factor(3))
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", cluster.logs()));
+        cluster.create_replicated_topic(&client, name, parts).await;
     }
     client.close().await;
     // Node 2 loses its sled files while down.

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use arrowbus::NewTopic;
 use arrowbus_tests::acked::check_acked_present;
 use arrowbus_tests::cluster::Cluster;
 use arrowbus_tests::membership::{
@@ -151,11 +150,7 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
 async fn membership_changes_that_would_lose_replicas_are_refused() {
     let cluster = Cluster::start(3);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new("full").partitions(2).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, "full", 2).await;
     // Three replicas need three nodes.
     let (code, _, err) = busctl(&cluster, &["cluster", "remove-node", "3"]);
     assert_eq!(code, 1, "remove-node must fail: {err}");

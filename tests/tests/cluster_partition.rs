@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use arrowbus::{NewTopic, ProducerConfig, StartAt, SubscribeOptions};
+use arrowbus::{ProducerConfig, StartAt, SubscribeOptions};
 use arrowbus_tests::cluster::{data_records, Cluster, Placement};
 use arrowbus_tests::netns::Netns;
 use arrowbus_tests::{read_all, seqs, ticks};
@@ -143,11 +143,7 @@ async fn isolated_leader_acks_nothing_majority_serves_old_tail_discarded() {
     let mut cluster =
         Cluster::start_placed((1..=3).map(|i| Placement::in_netns(&net, i)).collect());
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new(TOPIC).partitions(1).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, TOPIC, 1).await;
     let mut acked = publish_acked(&client, 0, 10, &cluster).await;
     let old = leader_among(&client, &[1, 2, 3], &cluster).await;
     let majority: Vec<u64> = (1..=3).filter(|id| *id != old).collect();

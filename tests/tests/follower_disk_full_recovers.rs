@@ -9,7 +9,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arrowbus::NewTopic;
 use arrowbus_tests::cluster::{data_records, partition_dir, Cluster};
 use arrowbus_tests::ticks;
 use arrowbus_tests::tmpfs::Tmpfs;
@@ -47,11 +46,7 @@ async fn await_log(cluster: &Cluster, node: u64, needle: &str, what: &str) {
 async fn a_follower_whose_disk_filled_reopens_its_replica_and_catches_up() {
     let mut cluster = Cluster::start(3);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new(TOPIC).partitions(1).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, TOPIC, 1).await;
     let producer = client.producer();
     let mut acked = Vec::new();
     let mut next = 0i64;

@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use arrowbus::NewTopic;
 use arrowbus_tests::acked::{check_acked_present, Load};
 use arrowbus_tests::cluster::Cluster;
 use arrowbus_wire::peer::{
@@ -145,11 +144,7 @@ fn topic_id(data_dir: &Path) -> u32 {
 async fn bad_append_stream_frames_are_refused_and_replication_goes_on() {
     let cluster = Cluster::start(3);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(NewTopic::new(TOPIC).partitions(1).replication_factor(3))
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster.create_replicated_topic(&client, TOPIC, 1).await;
     let mut load = Load::start(cluster.client().await, TOPIC, 1);
     load.await_acks(20, "before the bad frames", || cluster.logs())
         .await;
