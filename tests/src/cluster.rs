@@ -270,6 +270,24 @@ impl Cluster {
         }
     }
 
+    /// Wait (up to `timeout`) for node `id` to exit on its own; its exit
+    /// code, or None if it is still running (or was not).
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let node = &mut self.nodes[(id - 1) as usize];
+        loop {
+            let c = node.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                node.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Create topic `name` with `partitions` partitions, each replicated on
     /// three nodes; panics with the nodes' logs if the cluster refuses.
     pub async fn create_replicated_topic(

@@ -56,6 +56,23 @@ fn stopped(p: &Partition) -> Option<String> {
 }
 
 impl Topics {
+    /// Resolves once this node's controller group has stopped (openraft
+    /// stops a group for good on a storage error), with the reason. The
+    /// controller is not reopened in place like a partition: its state
+    /// machine (sled) and every partition follow it, so the node exits and
+    /// a restart recovers all of it from disk, as after a crash.
+    pub async fn controller_stopped(&self) -> String {
+        let mut rx = self.controller.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "the controller group's metrics ended".to_owned();
+            }
+        }
+    }
+
     pub(super) async fn revive_loop(self: Arc<Self>) {
         let mut history: HashMap<u64, Revivals> = HashMap::new();
         // First sighting of each stopped group: its restart waits from there.

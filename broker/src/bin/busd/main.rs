@@ -149,6 +149,10 @@ fn main() -> ExitCode {
             tracing::error!("storage cannot be opened: {e:#}. Check the data directory's disk and permissions; a corrupt file named here must be restored or the node's data removed");
             ExitCode::from(EXIT_STORAGE)
         }
+        Err(Failure::Stopped(e)) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_STORAGE)
+        }
         Err(Failure::Network(e)) => {
             tracing::error!("{e:#}");
             ExitCode::from(EXIT_NETWORK)
@@ -162,6 +166,8 @@ fn main() -> ExitCode {
 
 enum Failure {
     Storage(anyhow::Error),
+    /// A group's storage failed while running (the message says what to do).
+    Stopped(anyhow::Error),
     Network(anyhow::Error),
     Other(anyhow::Error),
 }
@@ -252,10 +258,16 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut removed = topics.registry().removed();
+    let watched = topics.clone();
     let broker = Broker::new(config, topics);
     let serving = tokio::spawn(broker.serve(endpoint, shutdown_rx));
+    let mut failed = None;
     tokio::select! {
         _ = wait_for_signal() => {}
+        why = watched.controller_stopped() => {
+            tracing::error!(reason = %why, "the controller group stopped; shutting down (a restart recovers it from disk)");
+            failed = Some(why);
+        }
         // A node removed from the cluster stops: nothing is replicated to
         // it any more, and its metadata would only grow stale.
         by = removed.wait_for(|by| by.is_some()) => tracing::warn!(
@@ -265,7 +277,13 @@ async fn run(config: BrokerConfig, dev_profile: Option<PathBuf>) -> Result<(), F
     }
     let _ = shutdown_tx.send(true);
     serving.await.map_err(|e| Failure::Other(e.into()))?;
-    Ok(())
+    match failed {
+        Some(why) => Err(Failure::Stopped(anyhow::anyhow!(
+            "the controller group stopped: {why}. This node cannot follow the cluster's metadata; \
+             fix the cause (e.g. free disk space) and start busd again: it recovers from disk"
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() {
