@@ -71,15 +71,9 @@ pub async fn loaded_cluster(
 ) -> (Cluster, arrowbus::Client, crate::acked::Load) {
     let cluster = Cluster::start(n);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            arrowbus::NewTopic::new(topic)
-                .partitions(partitions)
-                .replication_factor(3),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create: {e}\n{}", cluster.logs()));
+    cluster
+        .create_replicated_topic(&client, topic, partitions)
+        .await;
     let mut load = crate::acked::Load::start(cluster.client().await, topic, partitions);
     load.await_acks(20, "before any change", || cluster.logs())
         .await;

@@ -30,7 +30,7 @@ const REVIVE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// restart that did not last [`REVIVE_RESET_AFTER`].
 const REVIVE_FIRST_DELAY: Duration = Duration::from_secs(1);
 /// The longest delay between two restarts of one group.
-pub(super) const REVIVE_MAX_DELAY: Duration = Duration::from_secs(30);
+const REVIVE_MAX_DELAY: Duration = Duration::from_secs(30);
 /// A restarted group that ran this long starts over at the first delay.
 const REVIVE_RESET_AFTER: Duration = Duration::from_secs(300);
 
