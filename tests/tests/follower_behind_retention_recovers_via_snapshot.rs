@@ -104,26 +104,39 @@ async fn leader_of(client: &arrowbus::Client, cluster: &Cluster) -> u64 {
     }
 }
 
-/// Every acknowledged batch at or after `from` is read back, from the
-/// current leader, with the acknowledged values; returns how many.
-async fn check_acked_readable(client: &arrowbus::Client, acked: &Acked, from: u64) -> usize {
+/// Every acknowledged batch the leader still retains is read back, from
+/// the current leader, with the acknowledged values; returns how many.
+/// Retention keeps running meanwhile: the read must start no later than
+/// what `leader` (a client of the leader node) retains right after it, and
+/// every acked batch from there on must be read.
+async fn check_acked_readable(
+    client: &arrowbus::Client,
+    acked: &Acked,
+    leader: &arrowbus::Client,
+) -> usize {
     let opts = SubscribeOptions::default()
         .from(StartAt::Earliest)
         .partitions(vec![0]);
     let mut by_offset: BTreeMap<u64, i64> = BTreeMap::new();
     let deliveries = read_all(client, "ticks", opts).await;
-    let first = deliveries.first().map(|d| d.offset);
+    let (retained_after, _) = replica_offsets(leader)
+        .await
+        .unwrap_or_else(|| panic!("the leader does not describe its replica"));
+    let first = deliveries
+        .first()
+        .map(|d| d.offset)
+        .unwrap_or_else(|| panic!("nothing delivered (the leader retains from {retained_after})"));
     for d in deliveries {
         for (i, s) in seqs(&d.batch).into_iter().enumerate() {
             by_offset.insert(d.offset + i as u64, s);
         }
     }
     assert!(
-        first.is_some_and(|f| f <= from),
-        "earliest delivered offset {first:?} is after {from}"
+        first <= retained_after,
+        "earliest delivered offset {first} is after {retained_after}, which the leader still retains"
     );
     let mut n = 0;
-    for (off, sent) in acked.range(from..) {
+    for (off, sent) in acked.range(first..) {
         let got: Vec<i64> = (0..sent.len() as u64)
             .map(|i| {
                 *by_offset
@@ -248,10 +261,9 @@ async fn follower_behind_retention_recovers_via_snapshot() {
         .await_converged(&client, "ticks", 0, "after publishing again")
         .await;
     let final_leader = leader_of(&client, &cluster).await;
-    let (leader_earliest, _) = replica_offsets(&node_client(&cluster, final_leader).await)
-        .await
-        .unwrap_or_else(|| panic!("leader {final_leader} does not describe its replica"));
-    let readable = check_acked_readable(&client, &publisher.acked, leader_earliest).await;
+    let leader_client = node_client(&cluster, final_leader).await;
+    let readable = check_acked_readable(&client, &publisher.acked, &leader_client).await;
+    leader_client.close().await;
     assert!(
         readable >= 10,
         "only {readable} acked batches inside retention"
@@ -378,7 +390,7 @@ async fn retention_on_a_single_node_moves_earliest_and_survives_restart() {
         bytes > RETENTION_BYTES - 1024 * 1024,
         "kept only {bytes} bytes"
     );
-    let n = check_acked_readable(&client, &publisher.acked, earliest).await;
+    let n = check_acked_readable(&client, &publisher.acked, &client).await;
     assert_eq!(n, publisher.acked.range(earliest..).count());
     client.close().await;
 
@@ -397,10 +409,9 @@ async fn retention_on_a_single_node_moves_earliest_and_survives_restart() {
         p.earliest_offset
     );
     assert_eq!(p.latest_offset, publisher.next_offset());
-    let earliest = p.earliest_offset;
     publisher.producer = client.producer();
     publisher.publish(5, &cluster).await;
-    check_acked_readable(&client, &publisher.acked, earliest).await;
+    check_acked_readable(&client, &publisher.acked, &client).await;
     client.close().await;
     assert_eq!(cluster.terminate(1), Some(0));
     let dir = partition_dir(cluster.node(1), "ticks-", 0);
