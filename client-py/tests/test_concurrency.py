@@ -18,6 +18,30 @@ import arrowbus.aio
 from conftest import Busd
 
 
+def stop_process(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped.
+
+    kill() returns before the signal has reached every thread: a busd
+    thread busy on another core may still answer a request for a moment,
+    which would make the tests below race the signal.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5.0
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:
+                continue  # a thread that just ended
+            # The state follows the command name, which is in parentheses.
+            states.append(stat[stat.rindex(")") + 2])
+        if states and all(s in "Tt" for s in states):
+            return
+        assert time.monotonic() < deadline, f"busd {pid} not stopped: thread states {states}"
+        time.sleep(0.005)
+
+
 def seq_table(start: int, n: int) -> pa.Table:
     return pa.table({"seq": pa.array(range(start, start + n), pa.int64())})
 
@@ -144,7 +168,7 @@ def test_a_full_window_blocks_send_until_acks_return(own_busd: Busd, topic: str)
     bus.admin.create_topic(topic)
     producer = bus.producer(max_inflight_batches=1)
     producer.publish(topic, seq_table(0, 1))  # schema set, stream open
-    os.kill(own_busd.proc.pid, signal.SIGSTOP)
+    stop_process(own_busd.proc.pid)
     try:
         first = producer.send(topic, seq_table(1, 1))  # takes the only slot
         second: list = []
@@ -168,7 +192,7 @@ def test_a_full_window_suspends_await(own_busd: Busd, topic: str) -> None:
         await bus.admin.create_topic(topic)
         producer = bus.producer(max_inflight_batches=1)
         await producer.publish(topic, seq_table(0, 1))
-        os.kill(own_busd.proc.pid, signal.SIGSTOP)
+        stop_process(own_busd.proc.pid)
         try:
             first = await producer.send(topic, seq_table(1, 1))
             # The event loop stays free while the send is suspended.
