@@ -24,11 +24,15 @@ const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a replicated consumer may take to elect its leader.
 const CONSUMER_READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Messages and bytes one pull request asks for: enough to keep delivery
-/// streaming, bounded so a subscriber holds at most 64 MiB (arrowbus's
-/// subscription credit is 8 MiB; the bound here is looser, not tighter).
+/// Messages and bytes one pull request asks for: arrowbus's subscription
+/// credit (256 batches, 8 MiB), enough to keep delivery streaming. A
+/// larger pull (64 MiB before) overflows nats-server's per-connection
+/// outbound buffer (`max_pending`, 64 MiB) when the subscriber falls
+/// behind: the server drops the connection as a slow consumer, and with
+/// `AckPolicy::None` the messages of that pull are never redelivered, which
+/// the report counted as acknowledged batches lost by NATS.
 const PULL_BATCH_MESSAGES: usize = 256;
-const PULL_BATCH_BYTES: usize = 64 * 1024 * 1024;
+const PULL_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct Nats {
     js: jetstream::Context,
