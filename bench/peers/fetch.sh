@@ -17,6 +17,10 @@
 #   always`. Without Go, Debian's package is used and the sync-always row is
 #   reported as unavailable.
 # - For the PNG plots: matplotlib in a virtualenv (PyPI).
+# - For the Python producers row: a second virtualenv with pyarrow,
+#   confluent-kafka (its wheel bundles librdkafka), nats-py and maturin
+#   (PyPI). busbench builds arrowbus's Python package from this tree into
+#   it at the start of every compare run, so the row measures this tree.
 #
 # Re-running is cheap: what is already there is kept.
 set -euo pipefail
@@ -24,6 +28,8 @@ set -euo pipefail
 KAFKA_VERSION=4.2.0
 NATS_VERSION=v2.15.2
 MATPLOTLIB_VERSION=3.10.7
+CONFLUENT_KAFKA_VERSION=2.16.1
+NATS_PY_VERSION=2.16.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dir="${1:-${BUSBENCH_PEERS:-$HOME/.cache/busbench-peers}}"
@@ -87,6 +93,18 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import matplotlib' 2>
     "$venv/bin/pip" install -q "matplotlib==$MATPLOTLIB_VERSION" >&2
 fi
 
+# Python producers
+py_venv="$dir/py-venv"
+py_reqs="$here/../../client-py/requirements-test.txt"
+if [ ! -x "$py_venv/bin/python" ] || ! "$py_venv/bin/python" -c 'import confluent_kafka, nats, pyarrow' 2>/dev/null; then
+    log "confluent-kafka $CONFLUENT_KAFKA_VERSION, nats-py $NATS_PY_VERSION, pyarrow and maturin into $py_venv"
+    python3 -m venv "$py_venv" >&2 || { apt_install python3-venv && python3 -m venv "$py_venv" >&2; }
+    # pyarrow and maturin at the versions the test suite pins.
+    "$py_venv/bin/pip" install -q --disable-pip-version-check \
+        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" "nats-py==$NATS_PY_VERSION" \
+        "$(grep '^pyarrow==' "$py_reqs")" "$(grep '^maturin==' "$py_reqs")" >&2
+fi
+
 cat > "$dir/peers.env" <<EOF
 # written by bench/peers/fetch.sh; read by busbench compare
 KAFKA_VERSION=$KAFKA_VERSION
@@ -96,5 +114,6 @@ REDIS_SERVER=$redis_bin
 NATS_SERVER=$nats_bin
 NATS_NOTE=$nats_note
 PLOT_PYTHON=$venv/bin/python
+BENCH_PYTHON=$py_venv/bin/python
 EOF
 log "wrote $dir/peers.env"

@@ -62,7 +62,7 @@ pub trait Deliveries: Send {
 // Used by the peer drivers, which only the `compare` feature compiles; its
 // unit tests exercise them in every build.
 #[cfg_attr(not(feature = "compare"), allow(unused_imports))]
-pub use peer::{body_of, PeerDecoder, Window};
+pub use peer::{body_of, PeerDecoder, Window, WINDOW_BYTES};
 #[cfg_attr(not(feature = "compare"), allow(dead_code))]
 mod peer;
 

@@ -41,3 +41,15 @@ def test_schema_from_polars_and_first_publish(bus: arrowbus.Client, topic: str) 
     t2 = topic + "-pl"
     info = bus.admin.create_topic(t2, schema=pl.DataFrame({"x": [1.5]}))
     assert info.schema == pa.schema([("x", pa.float64())])
+
+
+def test_version_is_the_workspace_version() -> None:
+    # The wheel's version comes from the crates' (maturin reads Cargo.toml);
+    # `arrowbus.__version__` must report the installed one.
+    import re
+    from pathlib import Path
+
+    cargo = (Path(__file__).resolve().parents[2] / "Cargo.toml").read_text()
+    workspace_version = re.search(r'^version = "([^"]+)"', cargo, re.M)
+    assert workspace_version is not None
+    assert arrowbus.__version__ == workspace_version.group(1)

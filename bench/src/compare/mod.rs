@@ -19,6 +19,7 @@
 //! Peer clients (rdkafka, async-nats, redis) are compiled only with the
 //! `compare` feature; without it the peers are reported as not built.
 
+mod python;
 mod report;
 mod servers;
 
@@ -98,6 +99,15 @@ pub struct CompareArgs {
     drain_timeout: Duration,
     #[command(flatten)]
     disk: crate::disk::DiskBaselineArgs,
+    /// The Python producers row: a Python interpreter with pyarrow,
+    /// confluent-kafka, nats-py and maturin (default: the virtualenv
+    /// bench/peers/fetch.sh makes, `BENCH_PYTHON` in its peers.env).
+    /// busbench builds arrowbus's Python package from this tree into it.
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// Leave out the Python producers row.
+    #[arg(long)]
+    no_python: bool,
     /// Report path (.md; the .json and the PNG plots go next to it).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -185,6 +195,8 @@ pub struct Measured {
     /// The warm-up after the servers started: not in any median, only in
     /// the accounting of acknowledged batches.
     pub warmup: bool,
+    /// Published by the Python driver (`python`), not busbench's Rust one.
+    pub python: bool,
 }
 
 /// What was learnt about a contender's servers.
@@ -198,6 +210,10 @@ pub struct ServerInfo {
     pub stops: Vec<String>,
     /// The load average (1/5/15 min) when each repetition of it started.
     pub loads: Vec<String>,
+    /// The Python client that published its Python row, with its version.
+    pub python_client: Option<String>,
+    /// Parts of a run that failed without failing the run (for the notes).
+    pub failures: Vec<String>,
 }
 
 pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
@@ -227,6 +243,14 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
     let mut notes = Vec::new();
     let peers = peer_paths(&a, &mut notes)?;
     let contenders = contenders(&a, &mut notes);
+    let python = if a.no_python {
+        Err("not measured: --no-python".to_owned())
+    } else {
+        prepare_python(&a, peers.as_ref())
+    };
+    if let Err(why) = &python {
+        eprintln!("busbench: Python producers {why}");
+    }
     let rt = crate::runtime()?;
     let started = Instant::now();
     let mut measured = Vec::new();
@@ -262,15 +286,17 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
                 a.reps,
                 c.label(),
             );
-            match run_contender(&rt, &a, &busd, peers.as_ref(), c, rep) {
+            match run_contender(&rt, &a, &busd, peers.as_ref(), python.as_ref().ok(), c, rep) {
                 Ok(Some((phases, mut info))) => {
                     measured.extend(phases);
+                    notes.append(&mut info.failures);
                     info.loads.push(load);
                     match infos.iter_mut().find(|(k, _)| *k == c) {
                         Some((_, i)) => {
                             i.peak_rss_kb.extend(info.peak_rss_kb);
                             i.stops.extend(info.stops);
                             i.loads.extend(info.loads);
+                            i.python_client = i.python_client.take().or(info.python_client);
                         }
                         None => infos.push((c, info)),
                     }
@@ -288,7 +314,10 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
         crate::report::load_average(),
         started.elapsed().as_secs_f64() / 60.0
     ));
-    let unavailable = unavailable(&a, &busd, &contenders);
+    let mut unavailable = unavailable(&a, &busd, &contenders);
+    if let Err(why) = &python {
+        unavailable.push(("Python producers".to_owned(), why.clone()));
+    }
     let r = report::CompareReport {
         env,
         args: report::ArgsSummary {
@@ -298,6 +327,7 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
             warmup: a.warmup,
             reps: a.reps,
             window: a.window,
+            python: python.as_ref().ok().map(|p| p.versions.clone()),
         },
         contenders,
         infos,
@@ -338,11 +368,80 @@ fn unavailable(a: &CompareArgs, busd: &Path, _c: &[Contender]) -> Vec<(String, S
             ));
         }
     }
-    out.push((
-        "Python producers".to_owned(),
-        "not measured: `busbench compare` has no Python driver (arrowbus's Python producer against confluent-kafka and nats-py publishing the same IPC bytes); bench/python/pybench.py measures the Python client on its own".to_owned(),
-    ));
     out
+}
+
+/// The interpreter of the Python producers row, with arrowbus's Python
+/// package freshly built from this tree (release) and installed into it.
+/// `Err` says why the row cannot be measured.
+fn prepare_python(
+    a: &CompareArgs,
+    peers: Option<&PeerPaths>,
+) -> Result<python::PythonDriver, String> {
+    let from_env = || {
+        peers
+            .cloned()
+            .or_else(|| PeerPaths::load(&peers_dir(a).join("peers.env")).ok())
+            .map(|p| p.bench_python)
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let Some(py) = a.python.clone().or_else(from_env) else {
+        return Err(format!(
+            "not measured: no Python given (--python PATH, or run bench/peers/fetch.sh {} for its BENCH_PYTHON)",
+            peers_dir(a).display()
+        ));
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let maturin = py.with_file_name("maturin");
+    let wheels =
+        tempfile::tempdir().map_err(|e| format!("not measured: a temporary directory: {e}"))?;
+    eprintln!(
+        "busbench: building arrowbus's Python package (release) for {}",
+        py.display()
+    );
+    let run = |cmd: &mut std::process::Command, what: &str| -> Result<(), String> {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("not measured: {what}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not measured: {what} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    run(
+        std::process::Command::new(&maturin)
+            .args(["build", "--release", "-q", "-m"])
+            .arg(repo.join("client-py/Cargo.toml"))
+            .arg("-o")
+            .arg(wheels.path()),
+        &format!("{} build (arrowbus's Python package)", maturin.display()),
+    )?;
+    let wheel = std::fs::read_dir(wheels.path())
+        .map_err(|e| format!("not measured: reading the built wheel: {e}"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("not measured: maturin built no wheel")?;
+    run(
+        std::process::Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--force-reinstall",
+                "--no-deps",
+            ])
+            .arg(&wheel),
+        "installing the arrowbus wheel",
+    )?;
+    python::PythonDriver::probe(&py).map_err(|e| format!("not measured: {e}"))
 }
 
 /// `--peers-dir`, `$BUSBENCH_PEERS`, or `~/.cache/busbench-peers`.
@@ -365,7 +464,14 @@ fn peer_paths(a: &CompareArgs, notes: &mut Vec<String>) -> anyhow::Result<Option
     }
     let dir = peers_dir(a);
     let env_file = dir.join("peers.env");
-    if !env_file.exists() {
+    // A peers.env from before the Python producers row has no BENCH_PYTHON:
+    // fetch.sh keeps what is there and adds it.
+    let stale = || {
+        !a.no_python
+            && a.python.is_none()
+            && PeerPaths::load(&env_file).is_ok_and(|p| p.bench_python.as_os_str().is_empty())
+    };
+    if !env_file.exists() || stale() {
         if a.no_fetch {
             bail!(
                 "{} is missing: run bench/peers/fetch.sh {}",
@@ -440,6 +546,16 @@ fn contenders(a: &CompareArgs, notes: &mut Vec<String>) -> Vec<Contender> {
 
 type ContenderRun = (Vec<Measured>, ServerInfo);
 
+/// What one run of a contender measured.
+struct ContenderMeasured {
+    phases: Vec<Measured>,
+    /// Largest summed VmRSS of the servers over the run.
+    peak_rss_kb: u64,
+    python_client: Option<String>,
+    /// Python phases that could not be measured, for the notes.
+    python_failures: Vec<String>,
+}
+
 /// Start one contender's servers, measure every size, stop them. `None`
 /// when the contender cannot run in this build (reported separately).
 fn run_contender(
@@ -447,6 +563,7 @@ fn run_contender(
     a: &CompareArgs,
     busd: &Path,
     peers: Option<&PeerPaths>,
+    python: Option<&python::PythonDriver>,
     c: Contender,
     rep: usize,
 ) -> anyhow::Result<Option<ContenderRun>> {
@@ -489,13 +606,15 @@ fn run_contender(
     };
     info.commands = servers.commands.clone();
     info.configs = servers.configs.clone();
-    let result = rt.block_on(measure_contender(a, c, rep, &servers, arrowbus_cfg));
+    let result = rt.block_on(measure_contender(a, c, rep, &servers, arrowbus_cfg, python));
     let rss = group_stats(&servers.pids());
     info.stops = servers.stop();
     match result {
-        Ok((m, peak)) => {
-            info.peak_rss_kb.push(peak.max(rss.vm_rss_kb));
-            Ok(Some((m, info)))
+        Ok(m) => {
+            info.peak_rss_kb.push(m.peak_rss_kb.max(rss.vm_rss_kb));
+            info.python_client = m.python_client;
+            info.failures = m.python_failures;
+            Ok(Some((m.phases, info)))
         }
         Err(e) => Err(e.context(format!("server log tail:\n{}", servers.log_tail()))),
     }
@@ -592,12 +711,21 @@ async fn measure_contender(
     rep: usize,
     servers: &Servers,
     arrowbus_cfg: Option<arrowbus::ClientConfig>,
-) -> anyhow::Result<(Vec<Measured>, u64)> {
+    python: Option<&python::PythonDriver>,
+) -> anyhow::Result<ContenderMeasured> {
+    let target = python::Target {
+        system: c.system,
+        servers: servers.addrs.join(","),
+        ca: arrowbus_cfg.as_ref().and_then(|c| c.ca.clone()),
+        server_name: arrowbus_cfg.as_ref().and_then(|c| c.server_name.clone()),
+    };
     let bus = make_bus(a, c, servers, arrowbus_cfg).await?;
     let pids = servers.pids();
     let (rss, task) = RssWatch::spawn(pids.clone(), Instant::now());
     let watch = BrokerWatch { pids, rss };
     let mut out = Vec::new();
+    let mut python_client = None;
+    let mut python_failures = Vec::new();
     let slug = format!(
         "r{}-{:?}{}",
         c.replicas,
@@ -629,6 +757,7 @@ async fn measure_contender(
                 size: SizeSpec::Rows(1000),
                 phase: w,
                 warmup: true,
+                python: false,
             });
         }
         for &size in &a.sizes {
@@ -653,6 +782,7 @@ async fn measure_contender(
                 size,
                 phase: max,
                 warmup: false,
+                python: false,
             });
             let Some(capacity) = capacity else { continue };
             for &pct in &a.load {
@@ -677,8 +807,67 @@ async fn measure_contender(
                     size,
                     phase: p,
                     warmup: false,
+                    python: false,
                 });
             }
+        }
+        // The Python producers, on the same servers (no Python driver for
+        // Redis: the Python row is arrowbus, Kafka and NATS).
+        let Some(py) = python.filter(|_| c.system != System::Redis) else {
+            return anyhow::Ok(());
+        };
+        for &size in &a.sizes {
+            let run = python::run_phase(
+                py,
+                bus.as_ref(),
+                &watch,
+                &target,
+                c,
+                size,
+                &python::Settings {
+                    duration: a.duration,
+                    drain_timeout: a.drain_timeout,
+                    window: a.window,
+                    files_dir: servers.dir.path(),
+                },
+            )
+            .await;
+            // A failing Python driver costs its own row, not the Rust
+            // phases already measured.
+            let (p, client) = match run {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("busbench:   python {}: {e:#}", size.label());
+                    python_failures.push(format!(
+                        "{} rep {} Python producer, {}: {e:#}",
+                        c.label(),
+                        rep + 1,
+                        size.label()
+                    ));
+                    continue;
+                }
+            };
+            eprintln!(
+                "busbench:   python {} {}: {:.1} MB/s, {:.0} batches/s, acked {}/{} sent, lost {}, errors {}",
+                client,
+                size.label(),
+                p.acked_mb_per_s(),
+                p.acked_batches_per_s(),
+                p.acked,
+                p.sent,
+                p.lost,
+                p.errors_total
+            );
+            out.push(Measured {
+                contender: c,
+                rep,
+                load_pct: None,
+                size,
+                phase: p,
+                warmup: false,
+                python: true,
+            });
+            python_client = Some(client);
         }
         anyhow::Ok(())
     }
@@ -686,7 +875,12 @@ async fn measure_contender(
     task.abort();
     drop(bus);
     result?;
-    Ok((out, watch.rss.run_max_kb.load(Ordering::Relaxed)))
+    Ok(ContenderMeasured {
+        phases: out,
+        peak_rss_kb: watch.rss.run_max_kb.load(Ordering::Relaxed),
+        python_client,
+        python_failures,
+    })
 }
 
 fn tool_version(bin: &Path, args: &[&str]) -> String {

@@ -38,6 +38,9 @@ pub struct ArgsSummary {
     pub warmup: Duration,
     pub reps: usize,
     pub window: usize,
+    /// Module versions of the Python producers' interpreter; `None` when
+    /// that row was not measured.
+    pub python: Option<Vec<(String, String)>>,
 }
 
 pub struct CompareReport {
@@ -146,46 +149,81 @@ fn per_gb(cpu: Option<f64>, p: &PhaseResult) -> Option<f64> {
 }
 
 impl CompareReport {
-    fn phases(&self, c: Contender, size: SizeSpec, load: Option<f64>) -> Vec<&PhaseResult> {
+    /// The Rust driver's phases (`python`: the Python producers').
+    fn phases_of(
+        &self,
+        c: Contender,
+        size: SizeSpec,
+        load: Option<f64>,
+        python: bool,
+    ) -> Vec<&PhaseResult> {
         self.measured
             .iter()
-            .filter(|m| !m.warmup && m.contender == c && m.size == size && m.load_pct == load)
+            .filter(|m| {
+                !m.warmup
+                    && m.python == python
+                    && m.contender == c
+                    && m.size == size
+                    && m.load_pct == load
+            })
             .map(|m| &m.phase)
             .collect()
     }
 
-    pub fn max_stat(&self, c: Contender, size: SizeSpec) -> Option<MaxStat> {
-        let ps = self.phases(c, size, None);
-        let first = ps.first()?;
-        let mbs: Vec<f64> = ps.iter().map(|p| p.acked_mb_per_s()).collect();
-        Some(MaxStat {
-            reps: ps.len(),
-            mb_per_s: median(mbs.clone())?,
-            mb_min: mbs.iter().copied().fold(f64::INFINITY, f64::min),
-            mb_max: mbs.iter().copied().fold(0.0, f64::max),
-            rows_per_s: median(ps.iter().map(|p| p.acked_rows_per_s()).collect())?,
-            batches_per_s: median(ps.iter().map(|p| p.acked_batches_per_s()).collect())?,
-            bytes_per_batch: first.bytes_per_batch,
-            server_cpu_s_per_gb: median(
-                ps.iter()
-                    .filter_map(|p| per_gb(p.broker_cpu_s, p))
-                    .collect(),
-            ),
-            client_cpu_s_per_gb: median(
-                ps.iter()
-                    .filter_map(|p| per_gb(p.client_cpu_s, p))
-                    .collect(),
-            ),
-            server_rss_kb: median(
-                ps.iter()
-                    .filter_map(|p| p.broker_rss_max_kb.map(|k| k as f64))
-                    .collect(),
-            ),
-            lost: ps.iter().map(|p| p.lost).sum(),
-            errors: ps.iter().map(|p| p.errors_total).sum(),
-        })
+    fn phases(&self, c: Contender, size: SizeSpec, load: Option<f64>) -> Vec<&PhaseResult> {
+        self.phases_of(c, size, load, false)
     }
 
+    pub fn max_stat(&self, c: Contender, size: SizeSpec) -> Option<MaxStat> {
+        max_stat_of(&self.phases(c, size, None))
+    }
+
+    /// The Python producer's closed-loop phases of `c` at `size`.
+    pub fn python_stat(&self, c: Contender, size: SizeSpec) -> Option<MaxStat> {
+        max_stat_of(&self.phases_of(c, size, None, true))
+    }
+
+    /// Contenders with a Python row.
+    fn python_rows(&self) -> Vec<Contender> {
+        self.rows()
+            .into_iter()
+            .filter(|c| self.measured.iter().any(|m| m.python && m.contender == *c))
+            .collect()
+    }
+}
+
+fn max_stat_of(ps: &[&PhaseResult]) -> Option<MaxStat> {
+    let first = ps.first()?;
+    let mbs: Vec<f64> = ps.iter().map(|p| p.acked_mb_per_s()).collect();
+    Some(MaxStat {
+        reps: ps.len(),
+        mb_per_s: median(mbs.clone())?,
+        mb_min: mbs.iter().copied().fold(f64::INFINITY, f64::min),
+        mb_max: mbs.iter().copied().fold(0.0, f64::max),
+        rows_per_s: median(ps.iter().map(|p| p.acked_rows_per_s()).collect())?,
+        batches_per_s: median(ps.iter().map(|p| p.acked_batches_per_s()).collect())?,
+        bytes_per_batch: first.bytes_per_batch,
+        server_cpu_s_per_gb: median(
+            ps.iter()
+                .filter_map(|p| per_gb(p.broker_cpu_s, p))
+                .collect(),
+        ),
+        client_cpu_s_per_gb: median(
+            ps.iter()
+                .filter_map(|p| per_gb(p.client_cpu_s, p))
+                .collect(),
+        ),
+        server_rss_kb: median(
+            ps.iter()
+                .filter_map(|p| p.broker_rss_max_kb.map(|k| k as f64))
+                .collect(),
+        ),
+        lost: ps.iter().map(|p| p.lost).sum(),
+        errors: ps.iter().map(|p| p.errors_total).sum(),
+    })
+}
+
+impl CompareReport {
     pub fn lat_stat(&self, c: Contender, size: SizeSpec, load: f64) -> Option<LatStat> {
         let ps = self.phases(c, size, Some(load));
         let lats: Vec<_> = ps.iter().filter_map(|p| p.e2e_latency).collect();
@@ -590,6 +628,8 @@ impl CompareReport {
         }
         s.push('\n');
 
+        self.python_markdown(&mut s);
+
         // p99 summary at each load.
         for &load in &a.load {
             let _ = writeln!(
@@ -792,6 +832,92 @@ impl CompareReport {
         s
     }
 
+    /// The Python producers row: throughput of each system's Python client
+    /// beside its Rust driver's, on the same servers.
+    fn python_markdown(&self, s: &mut String) {
+        let contenders = self.python_rows();
+        if contenders.is_empty() {
+            return;
+        }
+        let a = &self.args;
+        let _ = writeln!(
+            s,
+            "## Python producers (closed loop), median MB/s (rows/s) and their share of the Rust producer's\n"
+        );
+        let versions = a.python.as_ref().map_or(String::new(), |v| {
+            v.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let _ = writeln!(
+            s,
+            "The same servers, right after each system's Rust phases: arrowbus's Python client (`Producer.send`: the record batches are imported through the Arrow C data interface and encoded by the client, 5 batches in flight), confluent-kafka (`produce` + `poll`, the Rust driver's producer settings) and nats-py (JetStream `publish_async`), the last two publishing the same IPC bodies as the Rust drivers; peers held to {} unacknowledged batches and 64 MiB. One Python process, one thread, `bench/python/compare_publish.py`; the batches cycle through 32 distinct ones and busbench's Rust subscriber checks each arrives as often as it was acknowledged. Interpreter: {versions}.\n",
+            a.window
+        );
+        let _ = write!(s, "| system | client | durability |");
+        for z in &a.sizes {
+            let _ = write!(s, " {} |", z.label());
+        }
+        let _ = write!(s, "\n|---|---|---|");
+        for _ in &a.sizes {
+            s.push_str("---:|");
+        }
+        s.push('\n');
+        for c in &contenders {
+            let client = self
+                .info(*c)
+                .and_then(|i| i.python_client.clone())
+                .unwrap_or_else(|| "—".into());
+            let _ = write!(s, "| {} | {client} | {} |", c.label(), short_durability(c));
+            for z in &a.sizes {
+                match self.python_stat(*c, *z) {
+                    Some(m) => {
+                        let share = self
+                            .max_stat(*c, *z)
+                            .filter(|r| r.mb_per_s > 0.0)
+                            .map_or(String::new(), |r| {
+                                format!(", {:.0} %", 100.0 * m.mb_per_s / r.mb_per_s)
+                            });
+                        let _ = write!(s, " {:.1} ({}){share} |", m.mb_per_s, rows(m.rows_per_s));
+                    }
+                    None => s.push_str(" — |"),
+                }
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "\n*N %*: the Python producer's median MB/s as a share of the same system's Rust producer (busbench's driver above, same run).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| system | batch | Python MB/s (min–max) | batches/s | Python client CPU s/GB | server CPU s/GB | lost / errors |\n|---|---|---:|---:|---:|---:|---|"
+        );
+        for c in &contenders {
+            for z in &a.sizes {
+                let Some(m) = self.python_stat(*c, *z) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} ({:.1}–{:.1}) | {:.0} | {} | {} | {} / {} |",
+                    c.label(),
+                    z.label(),
+                    m.mb_per_s,
+                    m.mb_min,
+                    m.mb_max,
+                    m.batches_per_s,
+                    opt1(m.client_cpu_s_per_gb),
+                    opt1(m.server_cpu_s_per_gb),
+                    m.lost,
+                    m.errors
+                );
+            }
+        }
+        s.push('\n');
+    }
+
     /// (target, measured, verdict).
     pub fn targets(&self) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
@@ -965,6 +1091,13 @@ impl CompareReport {
                         "server_rss_kb": m.server_rss_kb, "lost": m.lost, "errors": m.errors,
                     })),
                     "latency": lat,
+                    "python_max": self.python_stat(*c, *z).map(|m| json!({
+                        "reps": m.reps, "mb_per_s": m.mb_per_s, "mb_per_s_min": m.mb_min, "mb_per_s_max": m.mb_max,
+                        "rows_per_s": m.rows_per_s, "batches_per_s": m.batches_per_s,
+                        "server_cpu_s_per_gb": m.server_cpu_s_per_gb, "client_cpu_s_per_gb": m.client_cpu_s_per_gb,
+                        "lost": m.lost, "errors": m.errors,
+                        "client": self.info(*c).and_then(|i| i.python_client.clone()),
+                    })),
                 }));
             }
         }
@@ -977,6 +1110,7 @@ impl CompareReport {
                         "cpu_model": e.cpu_model, "loadavg_at_start": e.loadavg},
             "method": {"reps": a.reps, "duration_s": a.duration.as_secs_f64(), "warmup_s": a.warmup.as_secs_f64(),
                        "load_pct": a.load, "peer_window_batches": a.window,
+                       "python": a.python.as_ref().map(|v| v.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()),
                        "sizes": a.sizes.iter().map(|z| z.label()).collect::<Vec<_>>()},
             "systems": self.contenders.iter().map(|c| {
                 let i = self.info(*c);
@@ -1000,7 +1134,7 @@ impl CompareReport {
             "summary": summary,
             "targets": self.targets().into_iter().map(|(t, m, v)| json!({"target": t, "measured": m, "verdict": v})).collect::<Vec<_>>(),
             "phases": self.measured.iter().map(|m| json!({
-                "system": m.contender.label(), "rep": m.rep + 1, "load_pct": m.load_pct, "warmup": m.warmup,
+                "system": m.contender.label(), "rep": m.rep + 1, "load_pct": m.load_pct, "warmup": m.warmup, "python": m.python,
                 "phase": base::phase_json(&m.phase),
             })).collect::<Vec<_>>(),
             "notes": self.notes,

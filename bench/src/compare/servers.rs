@@ -42,6 +42,9 @@ pub struct PeerPaths {
     pub nats_server: PathBuf,
     pub nats_note: String,
     pub plot_python: PathBuf,
+    /// The virtualenv of the Python producers row (empty in a peers.env
+    /// written before it existed).
+    pub bench_python: PathBuf,
 }
 
 impl PeerPaths {
@@ -63,6 +66,7 @@ impl PeerPaths {
             nats_server: get("NATS_SERVER").into(),
             nats_note: get("NATS_NOTE"),
             plot_python: get("PLOT_PYTHON").into(),
+            bench_python: get("BENCH_PYTHON").into(),
         })
     }
 }

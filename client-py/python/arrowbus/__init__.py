@@ -21,6 +21,7 @@ subclasses named after the broker's stable error codes.
 from __future__ import annotations
 
 import os
+from importlib import metadata as _metadata
 from typing import Optional, Union
 
 from . import _errors
@@ -40,7 +41,14 @@ from ._arrowbus import (
 from ._arrowbus import connect as _connect
 from ._errors import *  # noqa: F403 (the hierarchy is the public API)
 
+try:
+    #: The installed distribution's version (the workspace version of the crates).
+    __version__ = _metadata.version("arrowbus")
+except _metadata.PackageNotFoundError:  # imported from a source tree
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "connect",
     "Client",
     "Admin",
