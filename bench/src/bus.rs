@@ -72,6 +72,9 @@ pub struct Arrowbus {
     pub client: Client,
     /// Replication factor of the topics it creates.
     pub replication_factor: u16,
+    /// The producer's linger (`ProducerConfig::linger`); `None`: every
+    /// send is stored as its own batch.
+    pub linger: Option<std::time::Duration>,
 }
 
 impl Bus for Arrowbus {
@@ -128,7 +131,10 @@ impl Bus for Arrowbus {
     fn publisher<'a>(&'a self, topic: &'a str) -> BoxFut<'a, anyhow::Result<Arc<dyn Publisher>>> {
         Box::pin(async move {
             Ok(Arc::new(ArrowbusPublisher {
-                producer: self.client.producer(),
+                producer: self.client.producer_with(arrowbus::ProducerConfig {
+                    linger: self.linger,
+                    ..arrowbus::ProducerConfig::default()
+                }),
                 topic: topic.to_owned(),
             }) as Arc<dyn Publisher>)
         })

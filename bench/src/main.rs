@@ -430,6 +430,7 @@ async fn connect(
     let bus = bus::Arrowbus {
         client,
         replication_factor: 1,
+        linger: None,
     };
     Ok((bus, watch, task))
 }

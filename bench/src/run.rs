@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arrow_array::RecordBatch;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -208,6 +209,45 @@ struct SubOutcome {
     error: Option<String>,
 }
 
+impl SubOutcome {
+    /// One send arrived (at `now`): its latency, and whether it is new,
+    /// late or a duplicate.
+    fn record(
+        &mut self,
+        send: &RecordBatch,
+        clock: &Clock,
+        now: Instant,
+        count: &AtomicU64,
+    ) -> Result<(), String> {
+        let (seq, intended_us) = identify(send).map_err(|e| format!("{e:#}"))?;
+        if seq >= MAX_SEQ_PER_PHASE {
+            return Err(format!(
+                "delivered batch claims sequence number {seq}, beyond any this phase sends"
+            ));
+        }
+        let us = clock.micros_of(now).saturating_sub(intended_us).max(0) as u64;
+        self.latency.record(Duration::from_micros(us));
+        let i = seq as usize;
+        if self.seen.len() <= i {
+            self.seen.resize(i + 1, false);
+        }
+        if self.seen[i] {
+            self.duplicates += 1;
+        } else {
+            // `seen` only grows past the highest sequence number delivered
+            // so far: a first delivery inside it is late.
+            if i + 1 < self.seen.len() {
+                self.reordered += 1;
+            }
+            self.seen[i] = true;
+            self.delivered += 1;
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_delivery = Some(now);
+        Ok(())
+    }
+}
+
 /// Run one phase on a fresh topic; the topic is deleted afterwards.
 pub async fn run_phase(
     bus: &dyn Bus,
@@ -255,6 +295,7 @@ async fn measure(
         stop_rx,
         cfg.subscriber_delay,
         Latency::new()?,
+        template.rows(),
     ));
 
     // Ack collector.
@@ -492,6 +533,7 @@ async fn subscribe_loop(
     mut stop: watch::Receiver<bool>,
     delay: Option<Duration>,
     latency: Latency,
+    rows_per_send: usize,
 ) -> SubOutcome {
     let mut out = SubOutcome {
         seen: Vec::new(),
@@ -519,38 +561,23 @@ async fn subscribe_loop(
             }
         };
         let now = Instant::now();
-        match identify(&d) {
-            Ok((seq, _)) if seq >= MAX_SEQ_PER_PHASE => {
-                out.error = Some(format!(
-                    "delivered batch claims sequence number {seq}, beyond any this phase sends"
-                ));
+        // A producer that coalesces (arrowbus with linger) stores several
+        // sends as one batch: every `rows_per_send` rows are one send.
+        let rows = d.num_rows();
+        if rows == 0 || rows % rows_per_send.max(1) != 0 {
+            out.error = Some(format!(
+                "a delivered batch of {rows} rows is not whole sends of {rows_per_send} rows"
+            ));
+            break;
+        }
+        for start in (0..rows).step_by(rows_per_send.max(1)) {
+            if let Err(e) = out.record(&d.slice(start, rows_per_send), &clock, now, &count) {
+                out.error = Some(e);
                 break;
             }
-            Ok((seq, intended_us)) => {
-                let us = clock.micros_of(now).saturating_sub(intended_us).max(0) as u64;
-                out.latency.record(Duration::from_micros(us));
-                let i = seq as usize;
-                if out.seen.len() <= i {
-                    out.seen.resize(i + 1, false);
-                }
-                if out.seen[i] {
-                    out.duplicates += 1;
-                } else {
-                    // `seen` only grows past the highest sequence number
-                    // delivered so far: a first delivery inside it is late.
-                    if i + 1 < out.seen.len() {
-                        out.reordered += 1;
-                    }
-                    out.seen[i] = true;
-                    out.delivered += 1;
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                out.last_delivery = Some(now);
-            }
-            Err(e) => {
-                out.error = Some(format!("{e:#}"));
-                break;
-            }
+        }
+        if out.error.is_some() {
+            break;
         }
         if let Some(delay) = delay {
             tokio::select! {
@@ -566,7 +593,6 @@ async fn subscribe_loop(
 mod tests {
     use super::*;
     use crate::bus::BoxFut;
-    use arrow_array::RecordBatch;
 
     /// Deliveries replayed from a list, then the subscription ends.
     struct Replay(std::vec::IntoIter<RecordBatch>);
@@ -596,6 +622,7 @@ mod tests {
             stop_rx,
             None,
             Latency::new()?,
+            2,
         )
         .await;
         // 0..=5 each delivered once; 3 and 0 again (duplicates); 2 after 3.
@@ -605,6 +632,49 @@ mod tests {
         assert_eq!(out.reordered, 1);
         assert_eq!(out.seen, vec![true; 6]);
         assert_eq!(out.error.as_deref(), Some("the subscription ended"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn coalesced_sends_count_one_by_one() -> anyhow::Result<()> {
+        // A lingering producer stores sends 0, 1, 2 as one batch, then 3.
+        let t = Template::with_rows(2)?;
+        let clock = Clock::now();
+        let stamp = |s| t.stamp(s, clock.micros_of(clock.start));
+        let first =
+            arrow_select::concat::concat_batches(&t.schema(), &[stamp(0)?, stamp(1)?, stamp(2)?])?;
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let count = Arc::new(AtomicU64::new(0));
+        let out = subscribe_loop(
+            Box::new(Replay(vec![first, stamp(3)?].into_iter())),
+            clock,
+            count.clone(),
+            stop_rx,
+            None,
+            Latency::new()?,
+            2,
+        )
+        .await;
+        assert_eq!((out.delivered, out.duplicates, out.reordered), (4, 0, 0));
+        assert_eq!(out.seen, vec![true; 4]);
+        // A batch that is not whole sends is an error, not a guess.
+        let odd = stamp(4)?.slice(0, 1);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let out = subscribe_loop(
+            Box::new(Replay(vec![odd].into_iter())),
+            clock,
+            count,
+            stop_rx,
+            None,
+            Latency::new()?,
+            2,
+        )
+        .await;
+        assert_eq!(out.delivered, 0);
+        assert_eq!(
+            out.error.as_deref(),
+            Some("a delivered batch of 1 rows is not whole sends of 2 rows")
+        );
         Ok(())
     }
 }

@@ -9,8 +9,10 @@
 //!   with the GIL released, asyncio calls get an `asyncio.Future` completed
 //!   from it;
 //! - mapping client errors to the Python exception hierarchy that
-//!   `arrowbus/_errors.py` defines ([`errors`]);
-//! - coalescing small publishes when the user asks for it ([`linger`]).
+//!   `arrowbus/_errors.py` defines ([`errors`]).
+//!
+//! Coalescing small publishes (`linger_ms`) is the Rust producer's own
+//! (`ProducerConfig::linger`).
 //!
 //! It must never hold the GIL while waiting for the network or encoding, and
 //! never queue without a bound.
@@ -18,7 +20,6 @@
 mod arrow_io;
 mod client;
 mod errors;
-mod linger;
 mod producer;
 mod rt;
 mod subscriber;

@@ -9,21 +9,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arrow_array::{Array, RecordBatch};
-use arrowbus::ProducerConfig;
+use arrow_array::RecordBatch;
+use arrowbus::{arrow_memory_bytes, ProducerConfig, LINGER_BYTES_MAX};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use tokio::sync::oneshot;
 
 use crate::arrow_io::{import, Source};
 use crate::errors::BusError;
-use crate::linger::Linger;
 use crate::rt::{shielded, to_asyncio, wait, wait_shielded};
 
 /// Frames larger than this (Arrow memory of the rows, which is close to
@@ -33,28 +30,10 @@ use crate::rt::{shielded, to_asyncio, wait, wait_shielded};
 /// in-flight window, keeping the pipeline full.
 pub const PIECE_TARGET_BYTES: usize = 4 * 1024 * 1024;
 
-/// Largest coalesced batch a user may ask for with `linger_bytes`: half the
-/// broker's batch limit, leaving room for IPC padding and dictionaries.
-pub const LINGER_BYTES_MAX: usize = 8 * 1024 * 1024;
-
-/// Arrow memory of the rows of `batch` (slices count only their rows;
-/// dictionaries count whole).
-pub fn estimated_bytes(batch: &RecordBatch) -> usize {
-    batch
-        .columns()
-        .iter()
-        .map(|c| {
-            let data = c.to_data();
-            data.get_slice_memory_size()
-                .unwrap_or_else(|_| c.get_array_memory_size())
-        })
-        .sum()
-}
-
 /// `batch` sliced by rows into pieces of about `PIECE_TARGET_BYTES`
 /// (zero-copy slices).
 fn pieces(batch: RecordBatch) -> Vec<RecordBatch> {
-    let bytes = estimated_bytes(&batch);
+    let bytes = arrow_memory_bytes(&batch);
     let rows = batch.num_rows();
     if bytes <= PIECE_TARGET_BYTES || rows <= 1 {
         return vec![batch];
@@ -115,39 +94,13 @@ impl From<arrowbus::Ack> for Piece {
     }
 }
 
-/// What a publish waits on: a batch in the Rust producer's pipeline, or a
-/// batch handed to the linger queue (answered with its part of the
-/// coalesced batches).
-pub enum AckWait {
-    Direct(arrowbus::PendingAck),
-    Lingered(oneshot::Receiver<Result<Vec<Piece>, BusError>>),
-}
-
-impl Future for AckWait {
-    type Output = Result<Vec<Piece>, BusError>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            AckWait::Direct(p) => Pin::new(p)
-                .poll(cx)
-                .map(|r| r.map(|a| vec![a.into()]).map_err(BusError::from)),
-            AckWait::Lingered(rx) => Pin::new(rx).poll(cx).map(|r| {
-                r.unwrap_or_else(|_| {
-                    Err(BusError::new(
-                        "transport",
-                        "publish outcome unknown: the linger queue ended",
-                    ))
-                })
-            }),
-        }
-    }
-}
-
 pub struct Core {
     client: arrowbus::Client,
+    /// With linger on, this producer coalesces (`ProducerConfig::linger`).
     producer: arrowbus::Producer,
     partition_counts: Mutex<HashMap<String, u32>>,
     round_robin: AtomicU32,
-    linger: Option<Linger>,
+    linger: Option<LingerOptions>,
 }
 
 impl Core {
@@ -186,7 +139,7 @@ impl Core {
         topic: String,
         mut source: Source,
         partition: Option<u32>,
-    ) -> Result<VecDeque<AckWait>, BusError> {
+    ) -> Result<VecDeque<arrowbus::PendingAck>, BusError> {
         let partition = self.partition_for(&topic, partition).await?;
         let mut waits = VecDeque::new();
         let mut any = false;
@@ -212,10 +165,17 @@ impl Core {
         topic: &str,
         partition: u32,
         piece: RecordBatch,
-        waits: &mut VecDeque<AckWait>,
+        waits: &mut VecDeque<arrowbus::PendingAck>,
     ) -> Result<(), BusError> {
-        if let Some(l) = &self.linger {
-            waits.push_back(AckWait::Lingered(l.enqueue(topic, partition, piece).await?));
+        if self.linger.is_some() {
+            // Into the partition's linger queue; a piece is well under the
+            // batch limit (PIECE_TARGET_BYTES), so it is never split.
+            let sent = self
+                .producer
+                .send(topic, Some(partition), &piece)
+                .await
+                .map_err(BusError::from)?;
+            waits.push_back(sent);
             return Ok(());
         }
         let sent = self
@@ -223,15 +183,13 @@ impl Core {
             .send_split(topic, Some(partition), &piece)
             .await
             .map_err(BusError::from)?;
-        waits.extend(sent.into_iter().map(AckWait::Direct));
+        waits.extend(sent);
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), BusError> {
-        match &self.linger {
-            Some(l) => l.flush().await,
-            None => Ok(()),
-        }
+        self.producer.flush().await;
+        Ok(())
     }
 }
 
@@ -244,11 +202,12 @@ async fn gather(state: &mut AckState) -> Result<Ack, BusError> {
     // cancelled `result()` (Ctrl-C, asyncio timeout) can be called again.
     while let Some(w) = state.waits.front_mut() {
         match w.await {
-            Ok(p) => {
-                state.done.extend(p);
+            Ok(a) => {
+                state.done.push(Piece::from(a));
                 state.waits.pop_front();
             }
             Err(e) => {
+                let e = BusError::from(e);
                 state.waits.clear();
                 state.outcome = Some(Err(e.clone()));
                 return Err(e);
@@ -262,7 +221,7 @@ async fn gather(state: &mut AckState) -> Result<Ack, BusError> {
 
 #[derive(Default)]
 struct AckState {
-    waits: VecDeque<AckWait>,
+    waits: VecDeque<arrowbus::PendingAck>,
     done: Vec<Piece>,
     outcome: Option<Result<Ack, BusError>>,
 }
@@ -281,10 +240,11 @@ impl Producer {
     ) -> PyResult<Self> {
         let cfg = ProducerConfig {
             max_inflight_batches,
+            linger: linger.map(|l| l.linger),
+            linger_bytes: linger.map_or(ProducerConfig::default().linger_bytes, |l| l.bytes),
             ..ProducerConfig::default()
         };
         let producer = client.producer_with(cfg);
-        let linger = linger.map(|l| Linger::new(producer.clone(), l));
         Ok(Self {
             core: Arc::new(Core {
                 client: client.clone(),
@@ -392,7 +352,7 @@ impl Producer {
         self.core
             .linger
             .as_ref()
-            .map_or(0.0, |l| l.options().linger.as_secs_f64() * 1000.0)
+            .map_or(0.0, |l| l.linger.as_secs_f64() * 1000.0)
     }
 }
 
@@ -421,7 +381,7 @@ impl PendingAck {
         }
     }
 
-    fn new(waits: VecDeque<AckWait>) -> Self {
+    fn new(waits: VecDeque<arrowbus::PendingAck>) -> Self {
         Self {
             state: Arc::new(tokio::sync::Mutex::new(AckState {
                 waits,

@@ -42,6 +42,37 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error for another caller (one failed coalesced batch fails
+    /// every publish in it). An Arrow error keeps its message.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::Broker {
+                code,
+                name,
+                message,
+                leader_hint,
+            } => Error::Broker {
+                code: *code,
+                name,
+                message: message.clone(),
+                leader_hint: *leader_hint,
+            },
+            Error::SchemaMismatch(m) => Error::SchemaMismatch(m.clone()),
+            Error::Config(m) => Error::Config(m.clone()),
+            Error::Connect { addr, reason } => Error::Connect {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
+            Error::Transport(m) => Error::Transport(m.clone()),
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::Timeout(ms) => Error::Timeout(*ms),
+            Error::Arrow(e) => Error::Arrow(arrow_schema::ArrowError::ExternalError(
+                e.to_string().into(),
+            )),
+            Error::BatchTooLarge(m) => Error::BatchTooLarge(m.clone()),
+        }
+    }
+
     /// The stable wire code of this error, when it has one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

@@ -24,6 +24,7 @@ mod admin;
 mod config;
 mod conn;
 mod error;
+mod linger;
 mod producer;
 pub mod schema;
 mod subscriber;
@@ -39,6 +40,7 @@ pub use arrowbus_wire::{
 pub use admin::{Admin, NewTopic};
 pub use config::{ClientConfig, Profile};
 pub use error::{Error, Result};
+pub use linger::{arrow_memory_bytes, LINGER_BYTES_MAX};
 pub use producer::{Ack, PendingAck, Producer, ProducerConfig};
 pub use subscriber::{Delivery, SubscribeOptions, Subscriber};
 

@@ -85,6 +85,12 @@ pub struct CompareArgs {
     /// arrowbus's own client allows 5 batches per partition.
     #[arg(long, default_value_t = 1024)]
     window: usize,
+    /// arrowbus producer linger in milliseconds (`ProducerConfig::linger`):
+    /// `0` coalesces the batches that queue up while the partition's window
+    /// is full, as librdkafka batches while its requests are in flight;
+    /// unset, every send is stored as its own batch.
+    #[arg(long, value_name = "MS")]
+    arrowbus_linger: Option<f64>,
     /// Where servers keep their data (fresh sub-directories, removed after).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
@@ -224,6 +230,12 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
     if let Some(r) = a.replicas.iter().find(|&&r| r != 1 && r != 3) {
         bail!("--replicas {r}: use 1 and/or 3");
     }
+    if let Some(ms) = a
+        .arrowbus_linger
+        .filter(|ms| !(ms.is_finite() && *ms >= 0.0))
+    {
+        bail!("--arrowbus-linger {ms}: milliseconds, 0 or more");
+    }
     if let Some(l) = a.load.iter().find(|&&l| !(l > 0.0 && l < 100.0)) {
         bail!("--load {l}: percentages of the maximum, between 0 and 100");
     }
@@ -327,6 +339,7 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
             warmup: a.warmup,
             reps: a.reps,
             window: a.window,
+            arrowbus_linger_ms: a.arrowbus_linger,
             python: python.as_ref().ok().map(|p| p.versions.clone()),
         },
         contenders,
@@ -638,6 +651,9 @@ async fn make_bus(
             Ok(Box::new(Arrowbus {
                 client,
                 replication_factor: c.replicas as u16,
+                linger: a
+                    .arrowbus_linger
+                    .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             }))
         }
         #[cfg(feature = "compare")]

@@ -38,6 +38,8 @@ pub struct ArgsSummary {
     pub warmup: Duration,
     pub reps: usize,
     pub window: usize,
+    /// The arrowbus producer's linger, ms (`None`: off).
+    pub arrowbus_linger_ms: Option<f64>,
     /// Module versions of the Python producers' interpreter; `None` when
     /// that row was not measured.
     pub python: Option<Vec<(String, String)>>,
@@ -565,9 +567,14 @@ impl CompareReport {
             "| method | {} repetitions, systems alternated (order rotated each repetition), fresh servers per system and repetition, {:?} warm-up excluded, {:?} per phase; medians over repetitions |",
             a.reps, a.warmup, a.duration
         );
+        let linger = match a.arrowbus_linger_ms {
+            None => "no linger (every send is its own stored batch)".to_owned(),
+            Some(0.0) => "linger 0: the sends that queue up while the window is full are coalesced into one stored batch (as librdkafka batches while its requests are in flight)".to_owned(),
+            Some(ms) => format!("linger {ms} ms: sends within {ms} ms are coalesced into one stored batch"),
+        };
         let _ = writeln!(
             s,
-            "| producer window | arrowbus: its client's 5 batches / 64 MiB in flight; peers: {} batches and 64 MiB unacknowledged |",
+            "| producer window | arrowbus: its client's 5 batches / 64 MiB in flight, {linger}; peers: {} batches and 64 MiB unacknowledged |",
             a.window
         );
         let _ = writeln!(
@@ -1109,7 +1116,7 @@ impl CompareReport {
             "machine": {"nproc": e.nproc, "mem_total_kb": e.mem_total_kb, "kernel": e.kernel,
                         "cpu_model": e.cpu_model, "loadavg_at_start": e.loadavg},
             "method": {"reps": a.reps, "duration_s": a.duration.as_secs_f64(), "warmup_s": a.warmup.as_secs_f64(),
-                       "load_pct": a.load, "peer_window_batches": a.window,
+                       "load_pct": a.load, "peer_window_batches": a.window, "arrowbus_linger_ms": a.arrowbus_linger_ms,
                        "python": a.python.as_ref().map(|v| v.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()),
                        "sizes": a.sizes.iter().map(|z| z.label()).collect::<Vec<_>>()},
             "systems": self.contenders.iter().map(|c| {
