@@ -103,6 +103,11 @@ struct TargetArgs {
     /// After publishing, how long to wait for missing acks and deliveries.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     drain_timeout: Duration,
+    /// Producer linger in milliseconds (`ProducerConfig::linger`): `0`
+    /// coalesces the sends that queue up while the window is full into one
+    /// stored batch; unset, every send is its own batch.
+    #[arg(long, value_name = "MS")]
+    linger: Option<f64>,
 }
 
 #[derive(Args)]
@@ -266,10 +271,27 @@ struct Target {
     /// Where the broker's data lives, when known: the disk baseline runs there.
     data_dir: Option<PathBuf>,
     pid: Option<u32>,
+    linger: Option<Duration>,
 }
 
 impl Target {
     fn open(a: &TargetArgs) -> anyhow::Result<Self> {
+        let linger = match a.linger {
+            None => None,
+            Some(ms) if ms.is_finite() && ms >= 0.0 => Some(Duration::from_secs_f64(ms / 1000.0)),
+            Some(ms) => bail!("--linger {ms}: milliseconds, 0 or more"),
+        };
+        let mut t = Self::start(a)?;
+        t.linger = linger;
+        if let Some(ms) = a.linger {
+            t.info.how.push_str(&format!(
+                "; producer linger {ms} ms (sends queued behind a full window are stored as one batch)"
+            ));
+        }
+        Ok(t)
+    }
+
+    fn start(a: &TargetArgs) -> anyhow::Result<Self> {
         match &a.spawn_busd {
             Some(path) => {
                 let busd = Busd::start(path, &a.work_dir)?;
@@ -290,6 +312,7 @@ impl Target {
                     data_dir: Some(busd.dir.path().to_path_buf()),
                     pid: Some(busd.pid),
                     busd: Some(busd),
+                    linger: None,
                 })
             }
             None => {
@@ -306,6 +329,7 @@ impl Target {
                     data_dir: None,
                     pid: a.busd_pid,
                     busd: None,
+                    linger: None,
                 })
             }
         }
@@ -430,7 +454,7 @@ async fn connect(
     let bus = bus::Arrowbus {
         client,
         replication_factor: 1,
-        linger: None,
+        linger: t.linger,
     };
     Ok((bus, watch, task))
 }

@@ -85,12 +85,13 @@ pub struct CompareArgs {
     /// arrowbus's own client allows 5 batches per partition.
     #[arg(long, default_value_t = 1024)]
     window: usize,
-    /// arrowbus producer linger in milliseconds (`ProducerConfig::linger`):
-    /// `0` coalesces the batches that queue up while the partition's window
-    /// is full, as librdkafka batches while its requests are in flight;
-    /// unset, every send is stored as its own batch.
-    #[arg(long, value_name = "MS")]
-    arrowbus_linger: Option<f64>,
+    /// arrowbus producer linger in milliseconds (`ProducerConfig::linger`),
+    /// or `off`. The default `0` coalesces the sends that queue up while the
+    /// partition's window is full into one stored batch, as librdkafka (the
+    /// Kafka driver) batches the messages that queue up while its requests
+    /// are in flight; it adds no wait. `off`: every send is its own batch.
+    #[arg(long, value_name = "MS|off", default_value = "0", value_parser = parse_linger)]
+    arrowbus_linger: LingerMs,
     /// Where servers keep their data (fresh sub-directories, removed after).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
@@ -230,12 +231,6 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
     if let Some(r) = a.replicas.iter().find(|&&r| r != 1 && r != 3) {
         bail!("--replicas {r}: use 1 and/or 3");
     }
-    if let Some(ms) = a
-        .arrowbus_linger
-        .filter(|ms| !(ms.is_finite() && *ms >= 0.0))
-    {
-        bail!("--arrowbus-linger {ms}: milliseconds, 0 or more");
-    }
     if let Some(l) = a.load.iter().find(|&&l| !(l > 0.0 && l < 100.0)) {
         bail!("--load {l}: percentages of the maximum, between 0 and 100");
     }
@@ -339,7 +334,7 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
             warmup: a.warmup,
             reps: a.reps,
             window: a.window,
-            arrowbus_linger_ms: a.arrowbus_linger,
+            arrowbus_linger_ms: a.arrowbus_linger.0,
             python: python.as_ref().ok().map(|p| p.versions.clone()),
         },
         contenders,
@@ -365,6 +360,20 @@ pub fn cmd_compare(mut a: CompareArgs) -> anyhow::Result<()> {
         eprintln!("busbench: wrote {}", w.display());
     }
     Ok(())
+}
+
+/// `--arrowbus-linger`: milliseconds, `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LingerMs(pub Option<f64>);
+
+fn parse_linger(s: &str) -> Result<LingerMs, String> {
+    if s == "off" {
+        return Ok(LingerMs(None));
+    }
+    match s.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms >= 0.0 => Ok(LingerMs(Some(ms))),
+        _ => Err(format!("{s:?}: milliseconds (0 or more) or `off`")),
+    }
 }
 
 /// Rows that cannot be measured, with the reason (for the report).
@@ -653,6 +662,7 @@ async fn make_bus(
                 replication_factor: c.replicas as u16,
                 linger: a
                     .arrowbus_linger
+                    .0
                     .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             }))
         }
@@ -940,6 +950,18 @@ mod tests {
         assert!(!cli.a.disk.no_disk);
         assert_eq!(cli.a.disk.dd_mib, 1024);
         assert_eq!(cli.a.disk.sync_for, Duration::from_secs(3));
+        Ok(())
+    }
+
+    #[test]
+    fn arrowbus_linger_defaults_to_zero_and_can_be_off() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["busbench"])?;
+        assert_eq!(cli.a.arrowbus_linger, LingerMs(Some(0.0)));
+        let cli = Cli::try_parse_from(["busbench", "--arrowbus-linger", "off"])?;
+        assert_eq!(cli.a.arrowbus_linger, LingerMs(None));
+        let cli = Cli::try_parse_from(["busbench", "--arrowbus-linger", "2.5"])?;
+        assert_eq!(cli.a.arrowbus_linger, LingerMs(Some(2.5)));
+        assert!(Cli::try_parse_from(["busbench", "--arrowbus-linger", "-1"]).is_err());
         Ok(())
     }
 

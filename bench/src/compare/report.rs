@@ -1150,7 +1150,7 @@ impl CompareReport {
 }
 
 /// The peer client settings, quoted in the report.
-const CLIENT_SETTINGS: &str = "arrowbus: `arrowbus-client` defaults (5 batches / 64 MiB in flight, credit 8 MiB / 256 batches). \
+const CLIENT_SETTINGS: &str = "arrowbus: `arrowbus-client` (5 batches / 64 MiB in flight, credit 8 MiB / 256 batches), producer linger as the *producer window* row above states (`--arrowbus-linger`). \
 Kafka: rdkafka (librdkafka 2.12.1) producer `acks=all`, `enable.idempotence=true`, `linger.ms=0` (batching still happens while 5 requests are in flight), `compression.type=none`, `message.max.bytes=16777216`; consumer (`BaseConsumer::poll` on its own thread) assigned to partition 0 from the beginning, live before the phase starts (a start marker is produced and awaited), `fetch.min.bytes=1`, `fetch.wait.max.ms=10` and `fetch.error.backoff.ms=10` (librdkafka's low-latency advice; both default to 500 ms), `max.partition.fetch.bytes=16777216`, no group commits. \
 NATS: async-nats JetStream publish (ack per message), pull consumer with `AckPolicy::None` from the first message. \
 Redis: redis-rs multiplexed connection, `XADD key * d <body>` per batch (pipelined), subscriber `XREAD COUNT 64 BLOCK 100` on its own connection.";
