@@ -224,11 +224,13 @@ async def run_nats_async(a: argparse.Namespace) -> dict[str, Any]:
     t = Tally()
     pending: collections.deque = collections.deque()
 
-    def settle_done(fut: asyncio.Future, n: int) -> None:
-        e = fut.exception()
-        if e is None:
+    async def settle_oldest() -> None:
+        """Wait for the oldest publish's ack and count its outcome."""
+        fut, n = pending.popleft()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), DRAIN_TIMEOUT_S)
             t.on_ack(n)
-        else:
+        except Exception as e:  # noqa: BLE001 - every failure is counted
             t.on_error(n, e)
 
     end = t.start + a.duration
@@ -240,15 +242,7 @@ async def run_nats_async(a: argparse.Namespace) -> dict[str, Any]:
             or len(pending) >= a.window
             or t.inflight_bytes + len(body) > a.window_bytes
         ):
-            fut, n = pending.popleft()
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), DRAIN_TIMEOUT_S)
-            except asyncio.TimeoutError as e:
-                t.on_error(n, e)
-                continue
-            except Exception:  # noqa: BLE001 - settle_done records it
-                pass
-            settle_done(fut, n)
+            await settle_oldest()
         try:
             fut = await js.publish_async(a.topic, body)
             pending.append((fut, len(body)))
@@ -258,15 +252,7 @@ async def run_nats_async(a: argparse.Namespace) -> dict[str, Any]:
             t.on_error(0, e)
         i += 1
     while pending:
-        fut, n = pending.popleft()
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), DRAIN_TIMEOUT_S)
-        except asyncio.TimeoutError as e:
-            t.on_error(n, e)
-            continue
-        except Exception:  # noqa: BLE001 - settle_done records it
-            pass
-        settle_done(fut, n)
+        await settle_oldest()
     await nc.close()
     return t.report(f"nats-py {dist_version('nats-py')}")
 
