@@ -86,6 +86,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -323,6 +324,8 @@ pub enum LogError {
     Failed,
     #[error("the partition log is closed")]
     Closed,
+    #[error("partition log {path} is already open (another busd, or another instance of this partition in this one, holds its lock): two writers would corrupt it. Stop the other process using this data directory")]
+    Locked { path: PathBuf },
     #[error("invalid log config: {0}")]
     InvalidConfig(String),
     #[error("invalid entry {index}: {reason}")]
@@ -361,6 +364,7 @@ impl LogError {
                 last: *last,
             },
             Self::DiskFull { path } => Self::DiskFull { path: path.clone() },
+            Self::Locked { path } => Self::Locked { path: path.clone() },
             Self::Io { op, path, source } => Self::Io {
                 op,
                 path: path.clone(),
@@ -534,6 +538,9 @@ impl Inner {
 pub struct PartitionLog {
     inner: Arc<Inner>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The directory's lock ([`lock_dir`]), released by `close` once the
+    /// writer has stopped.
+    dir_lock: Mutex<Option<File>>,
 }
 
 impl Drop for PartitionLog {
@@ -551,6 +558,7 @@ impl PartitionLog {
     ) -> Result<(Arc<PartitionLog>, RecoveryReport), LogError> {
         cfg.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| disk::io_err("create directory", dir, e))?;
+        let dir_lock = lock_dir(dir)?;
         let (list, report) = recover(dir, &cfg)?;
         let segs = Segs {
             list,
@@ -586,6 +594,7 @@ impl PartitionLog {
             Arc::new(PartitionLog {
                 inner,
                 writer: Mutex::new(Some(handle)),
+                dir_lock: Mutex::new(Some(dir_lock)),
             }),
             report,
         ))
@@ -1235,6 +1244,40 @@ impl PartitionLog {
                 tracing::error!(dir = %self.inner.dir.display(), "partition log writer panicked");
             }
         }
+        // Nothing writes any more: the directory may be opened again.
+        lock(&self.dir_lock).take();
+    }
+}
+
+/// The lock file of a partition log directory.
+const LOCK_FILE: &str = "LOCK";
+
+/// Take an exclusive `flock` on `DIR/LOCK` without waiting. flock locks
+/// belong to an open file description, so a second `open` of the same
+/// directory fails whether it comes from another process or from this one;
+/// the kernel drops the lock when the holder exits, even on kill -9.
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| disk::io_err("open", &path, e))?;
+    // SAFETY: flock takes a file descriptor and flags and touches no
+    // memory; the descriptor is open and owned by `f` for the call.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(f);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(LogError::Locked {
+            path: dir.to_owned(),
+        })
+    } else {
+        Err(disk::io_err("lock", &path, e))
     }
 }
 

@@ -1257,3 +1257,22 @@ async fn next_offset_after_names_only_entries_this_log_holds() {
     assert_eq!(log.next_offset_after(&id(2, 2)).unwrap(), None);
     assert_eq!(log.next_offset_after(&id(1, 3)).unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_second_opener_of_a_directory_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    app(&log, vec![data(1, 3, 100)]).await;
+    // Same process, second instance: flock is per open file description.
+    match PartitionLog::open(dir.path(), small_cfg()) {
+        Err(LogError::Locked { path }) => assert_eq!(path, dir.path()),
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("a second instance opened a locked partition log"),
+    }
+    // The refused opener changed nothing: the first still appends.
+    app(&log, vec![data(2, 2, 100)]).await;
+    log.close();
+    let (again, report) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    assert_eq!(report.entries, 2);
+    assert_eq!(again.stats().next_offset, 5);
+}
