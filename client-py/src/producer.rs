@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
-use arrowbus::{arrow_memory_bytes, ProducerConfig, LINGER_BYTES_MAX};
+use arrowbus::{slice_by_memory, ProducerConfig, LINGER_BYTES_MAX};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -29,22 +29,6 @@ use crate::rt::{shielded, to_asyncio, wait, wait_shielded};
 /// `send_split`, and small enough that several pieces share the 64 MiB
 /// in-flight window, keeping the pipeline full.
 pub const PIECE_TARGET_BYTES: usize = 4 * 1024 * 1024;
-
-/// `batch` sliced by rows into pieces of about `PIECE_TARGET_BYTES`
-/// (zero-copy slices).
-fn pieces(batch: RecordBatch) -> Vec<RecordBatch> {
-    let bytes = arrow_memory_bytes(&batch);
-    let rows = batch.num_rows();
-    if bytes <= PIECE_TARGET_BYTES || rows <= 1 {
-        return vec![batch];
-    }
-    let n = bytes.div_ceil(PIECE_TARGET_BYTES).min(rows);
-    let per = rows.div_ceil(n);
-    (0..rows)
-        .step_by(per)
-        .map(|start| batch.slice(start, per.min(rows - start)))
-        .collect()
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct LingerOptions {
@@ -145,7 +129,7 @@ impl Core {
         let mut any = false;
         while let Some(batch) = source.next_batch()? {
             any = true;
-            for piece in pieces(batch) {
+            for piece in slice_by_memory(&batch, PIECE_TARGET_BYTES) {
                 self.send_piece(&topic, partition, piece, &mut waits)
                     .await?;
             }

@@ -40,7 +40,7 @@ pub use arrowbus_wire::{
 pub use admin::{Admin, NewTopic};
 pub use config::{ClientConfig, Profile};
 pub use error::{Error, Result};
-pub use linger::{arrow_memory_bytes, LINGER_BYTES_MAX};
+pub use linger::{arrow_memory_bytes, slice_by_memory, LINGER_BYTES_MAX};
 pub use producer::{Ack, PendingAck, Producer, ProducerConfig};
 pub use subscriber::{Delivery, SubscribeOptions, Subscriber};
 

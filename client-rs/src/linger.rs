@@ -94,6 +94,23 @@ pub fn arrow_memory_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
+/// `batch` sliced by rows into zero-copy pieces of about `target` bytes of
+/// Arrow memory each (one piece when it is that small already or has a
+/// single row).
+pub fn slice_by_memory(batch: &RecordBatch, target: usize) -> Vec<RecordBatch> {
+    let bytes = arrow_memory_bytes(batch);
+    let rows = batch.num_rows();
+    if bytes <= target || rows <= 1 {
+        return vec![batch.clone()];
+    }
+    let n = bytes.div_ceil(target.max(1)).min(rows);
+    let per = rows.div_ceil(n);
+    (0..rows)
+        .step_by(per)
+        .map(|start| batch.slice(start, per.min(rows - start)))
+        .collect()
+}
+
 impl Linger {
     pub fn new(producer: Producer, opts: LingerOptions) -> Self {
         Self {
@@ -342,6 +359,34 @@ pub(crate) fn member_acks(stored: Ack, member_rows: &[u32]) -> Vec<Ack> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_by_memory_cover_every_row_once() {
+        use arrow_array::Int64Array;
+        let b = RecordBatch::try_from_iter([(
+            "v",
+            Arc::new(Int64Array::from_iter_values(0..1000)) as arrow_array::ArrayRef,
+        )])
+        .unwrap();
+        // 8,000 bytes of values in pieces of about 1,000: 8 pieces of 125 rows.
+        let pieces = slice_by_memory(&b, 1000);
+        assert_eq!(pieces.len(), 8);
+        assert!(pieces.iter().all(|p| p.num_rows() == 125));
+        let rows: Vec<i64> = pieces
+            .iter()
+            .flat_map(|p| {
+                p.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(rows, (0..1000).collect::<Vec<_>>());
+        assert_eq!(slice_by_memory(&b, 1 << 20).len(), 1);
+        assert_eq!(slice_by_memory(&b.slice(0, 1), 1).len(), 1);
+    }
 
     #[test]
     fn members_get_consecutive_rows_of_the_stored_batch() {

@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::{read_frame, transport, write_frame_chunks};
 use crate::error::{Error, Result};
-use crate::linger::{Linger, LingerOptions, LINGER_BYTES_MAX};
+use crate::linger::{slice_by_memory, Linger, LingerOptions, LINGER_BYTES_MAX};
 use crate::schema::{conform, encode_body};
 use crate::Client;
 
@@ -283,6 +283,15 @@ impl Producer {
         batch: &RecordBatch,
     ) -> Result<Vec<PendingAck>> {
         let mut out = Vec::new();
+        if self.linger.is_some() {
+            // With linger a too-large batch is only reported with its ack,
+            // too late to split it: slice by Arrow memory up front, to half
+            // the limit (IPC padding and dictionaries come on top).
+            for piece in slice_by_memory(batch, MAX_BATCH_BYTES as usize / 2) {
+                out.push(self.send(topic, partition, &piece).await?);
+            }
+            return Ok(out);
+        }
         let mut work = vec![batch.clone()];
         while let Some(b) = work.pop() {
             match self.send(topic, partition, &b).await {

@@ -170,3 +170,38 @@ async fn a_member_over_the_batch_limit_fails_alone() {
         .collect();
     assert_eq!(stored, vec![0, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_split_with_linger_slices_before_queueing() {
+    let busd = Busd::start();
+    let client = busd.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("s"))
+        .await
+        .unwrap();
+    let producer = client.producer_with(lingering(Duration::ZERO));
+    // ~38 MB of Arrow memory, over two batch limits: with linger, `send`
+    // would only learn BatchTooLarge from the ack.
+    let rows = 1_000_000;
+    let big = ticks(0, rows);
+    let pending = producer.send_split("s", Some(0), &big).await.unwrap();
+    assert!(pending.len() >= 3, "{} pieces", pending.len());
+    let mut next = 0u64;
+    for p in pending {
+        let ack = p.await.unwrap();
+        assert_eq!(ack.base_offset, next);
+        next += u64::from(ack.rows);
+    }
+    assert_eq!(next, rows as u64);
+    let got: Vec<i64> = read_all(
+        &client,
+        "s",
+        SubscribeOptions::default().from(StartAt::Earliest),
+    )
+    .await
+    .iter()
+    .flat_map(|d| seqs(&d.batch))
+    .collect();
+    assert_eq!(got, (0..rows as i64).collect::<Vec<_>>());
+}
