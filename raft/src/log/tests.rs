@@ -989,13 +989,15 @@ async fn reset_to_empties_the_log_at_the_snapshot_position_and_appends_continue(
         seg_files(dir.path()),
         vec![dir.path().join("00000000000000000501.seg")]
     );
-    let names: Vec<String> = std::fs::read_dir(dir.path())
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
+    names.sort();
+    // LOCK is the open log's directory lock.
     assert_eq!(
         names,
-        vec!["00000000000000000501.seg".to_owned()],
+        vec!["00000000000000000501.seg".to_owned(), LOCK_FILE.to_owned()],
         "no index, marker or temp file left"
     );
     // A reader positioned in the old log is told its offset is gone.
