@@ -151,17 +151,8 @@ impl Core {
         piece: RecordBatch,
         waits: &mut VecDeque<arrowbus::PendingAck>,
     ) -> Result<(), BusError> {
-        if self.linger.is_some() {
-            // Into the partition's linger queue; a piece is well under the
-            // batch limit (PIECE_TARGET_BYTES), so it is never split.
-            let sent = self
-                .producer
-                .send(topic, Some(partition), &piece)
-                .await
-                .map_err(BusError::from)?;
-            waits.push_back(sent);
-            return Ok(());
-        }
+        // With linger on, the piece goes through the partition's linger
+        // queue (`send_split` then slices by Arrow memory up front).
         let sent = self
             .producer
             .send_split(topic, Some(partition), &piece)
