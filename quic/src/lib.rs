@@ -6,8 +6,16 @@
 //!
 //! * **datagram size**: a 1 MiB batch in 1,452-byte packets is ~720 packets,
 //!   each with its own header protection, AEAD seal, ACK bookkeeping and
-//!   system call share. We advertise and probe for the largest UDP payload,
-//!   so loopback and jumbo-frame links carry ~16 packets per batch;
+//!   system call share. MTU discovery probes up to
+//!   [`MTU_DISCOVERY_UPPER_BOUND`] (6,400 bytes), so loopback and jumbo-frame
+//!   links carry ~165 packets per batch, sent ten per system call (GSO).
+//!   Not higher: quinn hands the kernel up to ten datagrams per GSO send,
+//!   the kernel refuses a send over 64 KiB, and quinn-udp drops such a send
+//!   silently (EMSGSIZE). With 65 KB datagrams every multi-datagram send was
+//!   lost; after three lost bursts quinn's black-hole detector fell back to
+//!   1,200-byte datagrams for a minute. That cost a 100–200 ms stall on the
+//!   first large batch of every connection and then half the throughput
+//!   (measured: `bench/results/2026-11-22-quic-datagrams.md`);
 //! * **receive buffers**: once datagrams are large, a kernel-default 208 KiB
 //!   buffer holds three of them; a burst overflows it, the kernel drops
 //!   datagrams, and QUIC's congestion controller halves its window for each
@@ -28,10 +36,23 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Largest UDP payload an endpoint advertises and MTU discovery probes for
-/// (the IPv6 maximum). Probing high is safe: a path that drops the big
-/// probes keeps the size it has.
+/// Largest UDP payload an endpoint accepts (the IPv6 maximum): a peer may
+/// send what it likes within it.
 pub const MAX_UDP_PAYLOAD_BYTES: u16 = 65_527;
+
+/// Largest datagram MTU discovery probes for, i.e. the most this endpoint
+/// sends (see the crate docs): [`QUINN_GSO_SEGMENTS`] of them, plus IPv6
+/// and UDP headers, must fit the kernel's 64 KiB limit for one GSO send.
+pub const MTU_DISCOVERY_UPPER_BOUND: u16 = 6_400;
+
+/// Datagrams quinn 0.11 puts into one GSO send (`MAX_TRANSMIT_SEGMENTS`
+/// in quinn's `connection.rs`). Check it when upgrading quinn.
+pub const QUINN_GSO_SEGMENTS: u32 = 10;
+
+const _: () = assert!(
+    QUINN_GSO_SEGMENTS * MTU_DISCOVERY_UPPER_BOUND as u32 + 40 + 8 <= 65_535,
+    "a full GSO send would exceed 64 KiB and be dropped"
+);
 
 /// Default UDP send and receive buffer of every arrowbus endpoint: room for
 /// ~128 full-size datagrams, a few batches in flight.
@@ -201,7 +222,7 @@ pub fn endpoint_config(reset_key: Option<&[u8; RESET_KEY_BYTES]>) -> quinn::Endp
 /// Apply the datagram-size settings to a connection's transport config.
 pub fn tune_transport(transport: &mut quinn::TransportConfig) {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD_BYTES);
+    mtu.upper_bound(MTU_DISCOVERY_UPPER_BOUND);
     transport.mtu_discovery_config(Some(mtu));
 }
 
@@ -283,11 +304,78 @@ mod tests {
     }
 
     #[test]
-    fn transport_probes_up_to_the_largest_udp_payload() {
+    fn endpoints_accept_the_largest_udp_payload() {
         let config = endpoint_config(None);
         assert_eq!(
             config.get_max_udp_payload_size(),
             u64::from(MAX_UDP_PAYLOAD_BYTES)
         );
+    }
+
+    /// A tuned client and server on loopback move megabytes both ways: MTU
+    /// discovery must settle above the 1,200-byte floor, and no datagram may
+    /// be lost (a GSO send over 64 KiB is dropped whole, which quinn's
+    /// black-hole detector then blames on the path MTU).
+    #[tokio::test]
+    async fn bulk_transfer_keeps_large_datagrams_and_loses_none() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key =
+            quinn::rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let mut server =
+            quinn::ServerConfig::with_single_cert(vec![cert.cert.der().clone()], key).unwrap();
+        let mut t = quinn::TransportConfig::default();
+        tune_transport(&mut t);
+        server.transport_config(Arc::new(t));
+        let mut roots = quinn::rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let mut client = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+        let mut t = quinn::TransportConfig::default();
+        tune_transport(&mut t);
+        client.transport_config(Arc::new(t));
+
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let (sock, _) = bind_udp(addr, DEFAULT_SOCKET_BUFFER_BYTES).unwrap();
+        let server_ep = server_endpoint(sock, server, &[7u8; RESET_KEY_BYTES]).unwrap();
+        let server_addr = server_ep.local_addr().unwrap();
+        let (sock, _) = bind_udp(addr, DEFAULT_SOCKET_BUFFER_BYTES).unwrap();
+        let client_ep = client_endpoint(sock).unwrap();
+
+        const BYTES: usize = 16 * 1024 * 1024;
+        let echo = tokio::spawn(async move {
+            let conn = server_ep.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let got = read_exact_vec(&mut recv, BYTES).await.unwrap();
+            send.write_all(&got).await.unwrap();
+            send.finish().unwrap();
+            let _ = send.stopped().await;
+            conn.stats()
+        });
+        let conn = client_ep
+            .connect_with(client, server_addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // In 1 MiB writes with pauses between, as batches arrive: each pause
+        // lets the sender go idle, so every batch starts a new burst.
+        for chunk in data.chunks(1024 * 1024) {
+            send.write_all(chunk).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        send.finish().unwrap();
+        let back = read_exact_vec(&mut recv, BYTES).await.unwrap();
+        assert!(back == data, "echoed bytes differ");
+        let server_stats = echo.await.unwrap();
+        let client_stats = conn.stats();
+        for (side, st) in [("client", client_stats), ("server", server_stats)] {
+            assert_eq!(st.path.black_holes_detected, 0, "{side}: {st:?}");
+            assert_eq!(st.path.lost_packets, 0, "{side}: {st:?}");
+            assert!(
+                st.path.current_mtu > 1_200 && st.path.current_mtu <= MTU_DISCOVERY_UPPER_BOUND,
+                "{side}: MTU {} after a bulk transfer",
+                st.path.current_mtu
+            );
+        }
     }
 }
