@@ -437,6 +437,61 @@ mod tests {
         (log, sm)
     }
 
+    /// A node with one group, `group-1` with this node as its only voter,
+    /// led here. The peer pool is real but never used: there are no peers.
+    async fn single_voter_group(dir: &Path) -> (GroupEnv, Group<PartitionApplier>) {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Trusts a throwaway certificate: the config must have a root.
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let mut roots = quinn::rustls::RootCertStore::empty();
+        roots.add(ca.cert.der().clone()).unwrap();
+        let client = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+        let env = GroupEnv {
+            node_id: 1,
+            pool: PeerPool::new(1, endpoint, client, "localhost".into()),
+            registry: Arc::new(GroupRegistry::default()),
+            timing: RaftTiming::default(),
+        };
+        let g = env
+            .open(1, dir, cfg(), |log| Ok(PartitionApplier::new(log, dir)))
+            .await
+            .unwrap();
+        let nodes = BTreeMap::from([(
+            1,
+            crate::BasicNode {
+                addr: "127.0.0.1:1".into(),
+            },
+        )]);
+        g.raft.initialize(nodes).await.unwrap();
+        g.raft
+            .wait(Some(Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single voter leads")
+            .await
+            .unwrap();
+        (env, g)
+    }
+
+    /// A quiet group's leader renews its lease before a write. With no other
+    /// voter there is no one to hear a heartbeat from: the lease is its own,
+    /// and waiting for a quorum ack that never comes stalled the first
+    /// publish after every idle second by the whole lease (500 ms) on every
+    /// single-replica partition, i.e. on every `busd dev` topic.
+    #[tokio::test]
+    async fn a_single_voter_leader_renews_its_lease_without_waiting() {
+        use crate::network::GroupRpc;
+        let dir = tempfile::tempdir().unwrap();
+        let (env, g) = single_voter_group(dir.path()).await;
+        // Quiet: no timer, so no heartbeat bookkeeping either.
+        GroupRpc::set_ticking(&g.raft, false);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            GroupRpc::renew_lease(&g.raft, Duration::from_secs(3)).await,
+            "a single voter's lease renewal must succeed"
+        );
+        GroupRpc::set_ticking(&g.raft, true);
+        g.shutdown(&env.registry).await;
+    }
+
     #[tokio::test]
     async fn installing_a_snapshot_resets_the_log_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
