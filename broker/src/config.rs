@@ -119,6 +119,11 @@ pub struct LogSettings {
     /// Most bytes written per fsync group (group commit). Larger groups mean
     /// fewer fsyncs under load and longer tail latency for the group's first batch.
     pub max_group_bytes: u64,
+    /// Bytes of each partition's newest batches kept in memory after they
+    /// are written, so subscribers at the head and replication to followers
+    /// read them without touching the file. Held only while the partition
+    /// is written (dropped after 2 s idle). 0 disables it.
+    pub tail_cache_bytes: u64,
     /// How often retention is enforced, in ms.
     pub retention_check_interval_ms: u64,
     /// Default topic retention by age, in ms (none: keep forever).
@@ -135,6 +140,7 @@ impl Default for LogSettings {
             segment_bytes: 128 * 1024 * 1024,
             index_interval_bytes: 64 * 1024,
             max_group_bytes: 64 * 1024 * 1024,
+            tail_cache_bytes: 8 * 1024 * 1024,
             retention_check_interval_ms: 30_000,
             default_retention_ms: None,
             default_retention_bytes: None,
@@ -227,6 +233,13 @@ impl BrokerConfig {
                 "log.max_group_bytes",
                 l.max_group_bytes,
                 "must hold at least one maximal batch (16 MiB)",
+            ));
+        }
+        if l.tail_cache_bytes > arrowbus_raft::log::MAX_TAIL_CACHE_BYTES {
+            return Err(bad(
+                "log.tail_cache_bytes",
+                l.tail_cache_bytes,
+                "must be at most 1 GiB",
             ));
         }
         if l.fsync == FsyncMode::Interval && l.fsync_interval_ms == 0 {
@@ -382,6 +395,7 @@ impl BrokerConfig {
                 ),
             },
             max_group_bytes: self.log.max_group_bytes,
+            tail_cache_bytes: self.log.tail_cache_bytes,
         }
     }
 }

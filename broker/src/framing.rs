@@ -65,8 +65,21 @@ pub async fn write_frame<M: Message>(
     msg: &M,
     body: Bytes,
 ) -> Result<(), WriteError> {
-    let head = Bytes::from(encode_frame(msg, body.len())?);
-    let mut chunks = [head, body];
+    write_frame_parts(send, msg, [body]).await
+}
+
+/// Write one frame whose body is the concatenation of `parts` (a stored
+/// record's header and body), each sent from its own buffer, uncopied.
+pub async fn write_frame_parts<M: Message, const N: usize>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+    parts: [Bytes; N],
+) -> Result<(), WriteError> {
+    let body_len = parts.iter().map(Bytes::len).sum();
+    let head = Bytes::from(encode_frame(msg, body_len)?);
+    let mut chunks = Vec::with_capacity(N + 1);
+    chunks.push(head);
+    chunks.extend(parts);
     send.write_all_chunks(&mut chunks).await?;
     Ok(())
 }

@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
-use crate::framing::{read_frame, write_frame, ReadError};
+use crate::framing::{read_frame, write_frame, write_frame_parts, ReadError};
 use crate::ipc;
 use crate::topics::{write_error, NewTopic, Proposal, Topics};
 
@@ -706,7 +706,7 @@ impl Broker {
                     continue;
                 }
                 credit.batches -= 1;
-                credit.bytes = credit.bytes.saturating_sub(b.record.len() as u64);
+                credit.bytes = credit.bytes.saturating_sub(b.record_len());
                 let skip_rows = skip_before
                     .saturating_sub(b.header.base_offset)
                     .min(u64::from(b.header.row_count)) as u32;
@@ -715,10 +715,8 @@ impl Broker {
                     skip_rows,
                     high_watermark: visible.next_offset,
                 });
-                if write_frame(&mut send, &msg, Bytes::from(b.record))
-                    .await
-                    .is_err()
-                {
+                let record = [Bytes::copy_from_slice(&b.encoded), b.body];
+                if write_frame_parts(&mut send, &msg, record).await.is_err() {
                     return; // subscriber went away
                 }
             }
@@ -742,7 +740,7 @@ fn read_some(
     while out.len() < count_budget && (out.is_empty() || bytes < byte_budget) {
         match log.read(&mut cursor, max_index)? {
             Some(b) => {
-                bytes += b.record.len() as u64;
+                bytes += b.record_len();
                 out.push(b);
             }
             None => break,

@@ -86,15 +86,13 @@ fn read_partition(
                 dump.push('\n');
                 continue; // Raft's own entries (elections, membership)
             }
-            let batch = decoder
-                .decode(bytes::Bytes::copy_from_slice(b.body()))
-                .map_err(|e| {
-                    format!(
-                        "{} offset {}: undecodable body: {e}",
-                        pdir.display(),
-                        b.header.base_offset
-                    )
-                })?;
+            let batch = decoder.decode(b.body.clone()).map_err(|e| {
+                format!(
+                    "{} offset {}: undecodable body: {e}",
+                    pdir.display(),
+                    b.header.base_offset
+                )
+            })?;
             let values = batch
                 .column_by_name("value")
                 .and_then(|c| c.as_any().downcast_ref::<Int64Array>())

@@ -24,7 +24,7 @@ use std::fmt;
 use std::io;
 
 use arrowbus_wire::peer::{WireLogId, WireMembership, WireVote};
-use arrowbus_wire::{BatchHeader, BatchKind, LogId as StoredLogId, BATCH_HEADER_BYTES};
+use arrowbus_wire::{BatchHeader, BatchKind, LogId as StoredLogId};
 use bytes::Bytes;
 use openraft::entry::RaftEntry;
 use openraft::impls::BasicNode;
@@ -269,8 +269,7 @@ pub fn to_record(entry: &Entry) -> io::Result<log::Entry> {
 pub fn from_record(rec: StoredBatch) -> io::Result<Entry> {
     let header = rec.header;
     let id = from_stored(&header.log_id);
-    let body = Bytes::from(rec.record).slice(BATCH_HEADER_BYTES..);
-    from_parts(id, header, body)
+    from_parts(id, header, rec.body)
 }
 
 /// The openraft entry for a header and body received or read back.

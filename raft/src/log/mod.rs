@@ -20,7 +20,9 @@
 //!   pages, so the file no longer says what we think ("fsyncgate"). The log
 //!   goes [`LogError::Failed`] for good and the node must restart.
 //! - Keep per-batch state in memory: only a sparse index (one point per
-//!   `index_interval_bytes`) and a few words per segment.
+//!   `index_interval_bytes`), a few words per segment, and the newest
+//!   entries up to a byte budget while the log is being written
+//!   ([`tail`], `LogConfig::tail_cache_bytes`).
 //! - Interpret bodies (Arrow IPC): they are stored and returned verbatim.
 //!
 //! # On-disk layout
@@ -78,6 +80,7 @@
 //! machine crash loses up to one interval of acknowledged appends.
 
 mod disk;
+mod tail;
 mod writer;
 
 #[cfg(test)]
@@ -124,6 +127,9 @@ pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
 /// Most entries enqueued but not yet durable: each costs ~48 bytes of
 /// bookkeeping (for `truncate_from` of an in-flight suffix); 256 Ki is 12 MiB.
 pub const MAX_QUEUED_ENTRIES: u64 = 256 * 1024;
+/// Largest `tail_cache_bytes`: it is held per partition while the partition
+/// is written.
+pub const MAX_TAIL_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
 /// Longest accepted `FsyncPolicy::Interval`.
 pub const MAX_FSYNC_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -153,6 +159,11 @@ pub struct LogConfig {
     /// Most bytes written per fsync group, and so the most a crash can tear
     /// from the tail. One `append` call may not exceed it. Default 64 MiB.
     pub max_group_bytes: u64,
+    /// Bodies of the newest entries kept in memory after they are written,
+    /// so that subscribers at the head and replication read them without
+    /// touching the file (dropped after the log is idle for 2 s). 0: none.
+    /// Default 8 MiB; at most [`MAX_TAIL_CACHE_BYTES`].
+    pub tail_cache_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -162,6 +173,7 @@ impl Default for LogConfig {
             index_interval_bytes: 64 * 1024,
             fsync: FsyncPolicy::Always,
             max_group_bytes: 64 * 1024 * 1024,
+            tail_cache_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -186,6 +198,12 @@ impl LogConfig {
             return bad(format!(
                 "max_group_bytes = {} is outside {MIN_GROUP_BYTES}..={MAX_GROUP_BYTES}",
                 self.max_group_bytes
+            ));
+        }
+        if self.tail_cache_bytes > MAX_TAIL_CACHE_BYTES {
+            return bad(format!(
+                "tail_cache_bytes = {} exceeds {MAX_TAIL_CACHE_BYTES}",
+                self.tail_cache_bytes
             ));
         }
         if let FsyncPolicy::Interval(d) = self.fsync {
@@ -252,17 +270,36 @@ pub struct RecoveryReport {
     pub rebuilt_indexes: usize,
 }
 
-/// One stored entry, exactly as on disk.
+/// One stored entry, exactly as on disk: `encoded` then `body` is the
+/// record, sent verbatim to subscribers (as two buffers, uncopied).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredBatch {
     pub header: BatchHeader,
-    /// Header + body bytes as stored: sent verbatim to subscribers.
-    pub record: Vec<u8>,
+    /// The header's 80 bytes as stored.
+    pub encoded: [u8; BATCH_HEADER_BYTES],
+    pub body: Bytes,
 }
 
 impl StoredBatch {
-    pub fn body(&self) -> &[u8] {
-        &self.record[BATCH_HEADER_BYTES..]
+    /// Header + body bytes.
+    pub fn record_len(&self) -> u64 {
+        (BATCH_HEADER_BYTES + self.body.len()) as u64
+    }
+
+    /// The record in one buffer (a copy).
+    pub fn record(&self) -> Vec<u8> {
+        let mut r = Vec::with_capacity(self.record_len() as usize);
+        r.extend_from_slice(&self.encoded);
+        r.extend_from_slice(&self.body);
+        r
+    }
+
+    fn from_cache(c: &tail::Cached) -> Self {
+        Self {
+            header: c.header,
+            encoded: c.encoded,
+            body: c.body.clone(),
+        }
     }
 }
 
@@ -436,6 +473,8 @@ struct Segs {
     /// Bumped by every truncation so a reader that hit changed bytes can tell
     /// a race with truncation from corruption.
     truncations: u64,
+    /// The newest published entries, in memory.
+    tail: tail::TailCache,
 }
 
 impl Segs {
@@ -563,6 +602,7 @@ impl PartitionLog {
         let segs = Segs {
             list,
             truncations: 0,
+            tail: tail::TailCache::new(cfg.tail_cache_bytes),
         };
         let pos = segs.position();
         let (flushed_tx, _) = watch::channel(pos);
@@ -1018,6 +1058,9 @@ impl PartitionLog {
                     out.push(seg);
                 }
             }
+            if let Some(first) = s.first().map(|g| g.meta.base_index) {
+                s.tail.purge_before(first);
+            }
             out
         };
         // Oldest first, so a crash part-way leaves a contiguous suffix.
@@ -1098,6 +1141,22 @@ impl PartitionLog {
             }
             let (file, path, len, truncations) = {
                 let s = self.inner.segs();
+                // The cache holds only published entries of the current log;
+                // the offset check keeps a cursor from before a truncation
+                // on the disk path, which relocates it.
+                if let Some(c) = s
+                    .tail
+                    .get(cursor.next_index)
+                    .filter(|c| c.header.base_offset == cursor.next_offset)
+                {
+                    *cursor = Cursor {
+                        seg: c.seg,
+                        pos: c.pos + c.record_len(),
+                        next_index: cursor.next_index + 1,
+                        next_offset: c.header.next_offset(),
+                    };
+                    return Ok(Some(StoredBatch::from_cache(c)));
+                }
                 let Some(i) = s.find_base(cursor.seg) else {
                     let first = s.first().map_or(1, |g| g.meta.base_index);
                     if cursor.seg < first || relocated {
@@ -1133,7 +1192,7 @@ impl PartitionLog {
             };
             match read_record(&file, &path, cursor.pos, len, Some(cursor.next_index)) {
                 Ok(b) => {
-                    cursor.pos += b.record.len() as u64;
+                    cursor.pos += b.record_len();
                     cursor.next_index += 1;
                     cursor.next_offset = b.header.next_offset();
                     return Ok(Some(b));
@@ -1152,6 +1211,9 @@ impl PartitionLog {
 
     /// Reads one entry by log index (None if not retained or not yet flushed).
     pub fn entry(&self, index: u64) -> Result<Option<StoredBatch>, LogError> {
+        if let Some(c) = self.inner.segs().tail.get(index) {
+            return Ok(Some(StoredBatch::from_cache(c)));
+        }
         let Some(Located {
             file,
             path,
@@ -1357,13 +1419,15 @@ fn read_record(
             h.body_len
         )));
     }
-    let mut record = vec![0u8; h.record_len() as usize];
-    record[..BATCH_HEADER_BYTES].copy_from_slice(&head);
-    file.read_exact_at(&mut record[BATCH_HEADER_BYTES..], pos + hb)
+    let mut body = vec![0u8; h.body_len as usize];
+    file.read_exact_at(&mut body, pos + hb)
         .map_err(|e| disk::io_err("read", path, e))?;
-    h.verify_body(&record[BATCH_HEADER_BYTES..])
-        .map_err(|e| corrupt(e.to_string()))?;
-    Ok(StoredBatch { header: h, record })
+    h.verify_body(&body).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredBatch {
+        header: h,
+        encoded: head,
+        body: Bytes::from(body),
+    })
 }
 
 /// Retention's predicate over the oldest segments: more than

@@ -20,6 +20,8 @@ fn small_cfg() -> LogConfig {
         index_interval_bytes: 256,
         fsync: FsyncPolicy::Always,
         max_group_bytes: 1 << 20,
+        // A few entries: reads mix the cache and the file.
+        tail_cache_bytes: 2048,
     }
 }
 
@@ -92,7 +94,7 @@ fn check(log: &PartitionLog, m: &Model) {
             .entry(i)
             .unwrap()
             .unwrap_or_else(|| panic!("entry {i} missing"));
-        assert_eq!(b.record, m.record(i), "entry {i}");
+        assert_eq!(b.record(), m.record(i), "entry {i}");
     }
     assert!(log.entry(m.last_index() + 1).unwrap().is_none());
     let mut c = log.seek_offset(log.start_offset()).unwrap();
@@ -103,7 +105,7 @@ fn check(log: &PartitionLog, m: &Model) {
             .unwrap()
             .unwrap_or_else(|| panic!("cursor read {i}"));
         assert_eq!(b.header.log_id.index, i);
-        assert_eq!(b.record, m.record(i), "cursor entry {i}");
+        assert_eq!(b.record(), m.record(i), "cursor entry {i}");
     }
     assert!(log.read(&mut c, u64::MAX).unwrap().is_none());
     assert_eq!(c.next_offset(), m.next_offset());
@@ -199,7 +201,7 @@ async fn seek_offset_inside_batches_and_at_segment_boundaries() {
                 assert_eq!(c.next_index(), h.log_id.index, "offset {o}");
                 assert_eq!(c.next_offset(), h.base_offset);
                 let b = log.read(&mut c, u64::MAX).unwrap().unwrap();
-                assert_eq!(b.record, m.record(h.log_id.index));
+                assert_eq!(b.record(), m.record(h.log_id.index));
             }
             None => {
                 assert_eq!(o, end);
@@ -226,7 +228,7 @@ async fn seek_offset_inside_batches_and_at_segment_boundaries() {
         .all(|(h, _)| h.offset_count() == 0));
     for i in first..=170u64 {
         assert_eq!(
-            log.read(&mut c, u64::MAX).unwrap().unwrap().record,
+            log.read(&mut c, u64::MAX).unwrap().unwrap().record(),
             m.record(i)
         );
     }
@@ -865,6 +867,7 @@ async fn disk_full_rolls_back_and_resumes_when_space_returns() {
         index_interval_bytes: 4096,
         fsync: FsyncPolicy::Always,
         max_group_bytes: 64 * 1024,
+        tail_cache_bytes: 64 * 1024,
     };
     let (log, _) = PartitionLog::open(&dir, cfg.clone()).unwrap();
     // Fill most of the file system.
@@ -1277,4 +1280,85 @@ async fn a_second_opener_of_a_directory_is_refused_until_the_first_closes() {
     let (again, report) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
     assert_eq!(report.entries, 2);
     assert_eq!(again.stats().next_offset, 5);
+}
+
+/// Flips one byte of the file at `pos`.
+fn flip_byte(path: &Path, pos: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, pos).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], pos).unwrap();
+}
+
+#[tokio::test]
+async fn the_newest_entries_are_read_from_memory_until_the_log_goes_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        segment_max_bytes: 1024 * 1024,
+        index_interval_bytes: 256,
+        fsync: FsyncPolicy::Always,
+        max_group_bytes: 1 << 20,
+        // The last two of the 200-byte bodies below.
+        tail_cache_bytes: 450,
+    };
+    let (log, _) = PartitionLog::open(dir.path(), cfg).unwrap();
+    let mut m = Model::default();
+    for i in 1..=6 {
+        let e = data(i, 2, 200);
+        m.push(e.clone());
+        app(&log, vec![e]).await;
+    }
+    // A truncated suffix leaves the cache with it: entries 5 and 6 of the
+    // new term are what reads return, from memory or not.
+    log.truncate_from(5).await.unwrap();
+    m.truncate(5);
+    for i in 5..=6 {
+        let e = mk(i, 2, BatchKind::Data, 2, 99, 200);
+        m.push(e.clone());
+        app(&log, vec![e]).await;
+    }
+    check(&log, &m);
+
+    // Damage entries 3 and 6 on disk (one segment; records of 80 + 200
+    // bytes after the 48-byte segment header).
+    let seg = seg_files(dir.path()).pop().unwrap();
+    let body_at = |i: u64| 48 + (i - 1) * 280 + 80 + 17;
+    flip_byte(&seg, body_at(3));
+    flip_byte(&seg, body_at(6));
+    // Entry 6 is still in memory and intact; entry 3 comes from the file,
+    // whose CRC check finds the damage.
+    assert_eq!(log.entry(6).unwrap().unwrap().record(), m.record(6));
+    match log.entry(3) {
+        Err(LogError::Corrupt { .. }) => {}
+        other => panic!("entry 3 should be read from the damaged file: {other:?}"),
+    }
+    // A cursor walks from the file into the cache and out of it again.
+    let mut c = log.seek_offset(m.entries[4].0.base_offset).unwrap();
+    for i in 5..=6 {
+        let b = log.read(&mut c, u64::MAX).unwrap().unwrap();
+        assert_eq!(b.record(), m.record(i), "entry {i}");
+    }
+    assert!(log.read(&mut c, u64::MAX).unwrap().is_none());
+
+    // Idle past the expiry: the cache is dropped, entry 6 now comes from
+    // the damaged file.
+    tokio::time::sleep(super::tail::TAIL_IDLE_EXPIRY + Duration::from_millis(500)).await;
+    match log.entry(6) {
+        Err(LogError::Corrupt { .. }) => {}
+        other => panic!("entry 6 should now be read from the damaged file: {other:?}"),
+    }
+    // An entry larger than the budget is not cached: the cursor, advanced
+    // from memory, must read it from the file at exactly the right place.
+    let e = data(7, 1, 500);
+    m.push(e.clone());
+    app(&log, vec![e]).await;
+    let b = log.read(&mut c, u64::MAX).unwrap().unwrap();
+    assert_eq!(b.record(), m.record(7));
+    assert_eq!(c.next_offset(), m.next_offset());
+    assert!(log.read(&mut c, u64::MAX).unwrap().is_none());
 }

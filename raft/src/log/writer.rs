@@ -19,6 +19,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::disk::{self, IndexEntry, LastEntry, SegMeta, SEG_HEADER_BYTES};
+use super::tail::{Cached, TAIL_IDLE_EXPIRY};
 use super::{
     create_segment, lock, replace_all_segments, write_idx, Appended, FsyncPolicy, Inner, LogError,
     LogPosition, Segment, MAX_GROUP_REQUESTS,
@@ -97,6 +98,13 @@ struct Writer {
     /// Written but not fsynced (Interval policy).
     dirty: bool,
     last_sync: Instant,
+    /// The current group's entries for the tail cache, added when the group
+    /// is published.
+    group_tail: Vec<Cached>,
+    /// The tail cache holds entries; it is cleared once the log has been
+    /// idle for `TAIL_IDLE_EXPIRY` after `last_publish`.
+    tail_held: bool,
+    last_publish: Instant,
 }
 
 pub(crate) fn spawn(
@@ -131,6 +139,9 @@ pub(crate) fn spawn(
         wbuf_pos: 0,
         dirty: false,
         last_sync: Instant::now(),
+        group_tail: Vec::new(),
+        tail_held: false,
+        last_publish: Instant::now(),
     };
     std::thread::Builder::new()
         .name("arrowbus-log-writer".into())
@@ -182,24 +193,33 @@ impl Writer {
     }
 
     fn next_request(&mut self) -> Option<Request> {
-        // Bounded: each round either returns or performs the due sync, after
-        // which `dirty` is false and the next round blocks in recv.
+        // Bounded: each round either returns or does what was due (the
+        // sync, the cache expiry), after which that deadline is gone; with
+        // none left the next round blocks in recv.
         loop {
-            match (self.inner.cfg.fsync, self.dirty) {
-                (FsyncPolicy::Interval(iv), true) => {
-                    let deadline = self.last_sync + iv;
-                    let now = Instant::now();
-                    if now >= deadline {
-                        self.periodic_sync();
-                        continue;
-                    }
-                    match self.rx.recv_timeout(deadline - now) {
-                        Ok(r) => return Some(r),
-                        Err(RecvTimeoutError::Timeout) => self.periodic_sync(),
-                        Err(RecvTimeoutError::Disconnected) => return None,
-                    }
+            let sync_due = match (self.inner.cfg.fsync, self.dirty) {
+                (FsyncPolicy::Interval(iv), true) => Some(self.last_sync + iv),
+                _ => None,
+            };
+            let expiry_due = self.tail_held.then(|| self.last_publish + TAIL_IDLE_EXPIRY);
+            let Some(deadline) = sync_due.into_iter().chain(expiry_due).min() else {
+                return self.rx.recv().ok();
+            };
+            let now = Instant::now();
+            if now < deadline {
+                match self.rx.recv_timeout(deadline - now) {
+                    Ok(r) => return Some(r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return None,
                 }
-                _ => return self.rx.recv().ok(),
+            }
+            let now = Instant::now();
+            if sync_due.is_some_and(|d| now >= d) {
+                self.periodic_sync();
+            }
+            if expiry_due.is_some_and(|d| now >= d) {
+                self.inner.segs_mut().tail.clear();
+                self.tail_held = false;
             }
         }
     }
@@ -265,6 +285,7 @@ impl Writer {
             return;
         }
         let start = (self.active.meta, self.active.last_indexed);
+        self.group_tail.clear();
         let mut results = Vec::with_capacity(live.len());
         let written = self.write_group(&live, &mut results);
         let durable = written.and_then(|()| match self.inner.cfg.fsync {
@@ -384,6 +405,15 @@ impl Writer {
             self.wbuf.extend_from_slice(&rec.body);
         }
         self.active.meta.push(h, pos);
+        if self.inner.cfg.tail_cache_bytes > 0 {
+            self.group_tail.push(Cached {
+                header: *h,
+                encoded: rec.encoded,
+                body: rec.body.clone(),
+                seg: self.active.meta.base_index,
+                pos,
+            });
+        }
         Ok(())
     }
 
@@ -441,6 +471,7 @@ impl Writer {
     /// it started in and cuts that back to the group's start.
     fn rollback(&mut self, start: SegMeta, start_indexed: Option<u64>) -> Result<(), LogError> {
         self.wbuf.clear();
+        self.group_tail.clear();
         let dir = self.inner.dir.clone();
         if !self.rolled.is_empty() {
             let created = std::mem::replace(&mut self.active, self.rolled.remove(0));
@@ -512,6 +543,13 @@ impl Writer {
                     }),
                 }
             }
+            if !self.group_tail.is_empty() {
+                for c in self.group_tail.drain(..) {
+                    s.tail.push(c);
+                }
+                self.tail_held = !s.tail.is_empty();
+                self.last_publish = Instant::now();
+            }
         }
         self.inner.flushed_tx.send_replace(pos);
     }
@@ -545,6 +583,7 @@ impl Writer {
         let mut s = self.inner.segs_mut();
         s.truncations += 1;
         s.list.clear();
+        s.tail.clear();
         let (path, file) = replace_all_segments(&dir, &meta)?;
         disk::remove_if_exists(&marker)?;
         disk::fsync_dir(&dir)?;
@@ -605,6 +644,7 @@ impl Writer {
         let fatal = Fail::Fatal;
         let mut s = self.inner.segs_mut();
         s.truncations += 1;
+        s.tail.truncate_from(index);
         let first = s.first().map_or(1, |g| g.meta.base_index);
         if index < first {
             return Err(Fail::Write(LogError::IndexOutOfRange {
