@@ -108,6 +108,10 @@ struct TargetArgs {
     /// stored batch; unset, every send is its own batch.
     #[arg(long, value_name = "MS")]
     linger: Option<f64>,
+    /// Replication factor of the benchmark topics, for an external cluster
+    /// (`busd dev --nodes 3`, then `--broker`/the profile and `--replicas 3`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=7), conflicts_with = "spawn_busd")]
+    replicas: u16,
 }
 
 #[derive(Args)]
@@ -272,6 +276,7 @@ struct Target {
     data_dir: Option<PathBuf>,
     pid: Option<u32>,
     linger: Option<Duration>,
+    replicas: u16,
 }
 
 impl Target {
@@ -283,6 +288,12 @@ impl Target {
         };
         let mut t = Self::start(a)?;
         t.linger = linger;
+        t.replicas = a.replicas;
+        if a.replicas > 1 {
+            t.info
+                .how
+                .push_str(&format!("; topics with {} replicas", a.replicas));
+        }
         if let Some(ms) = a.linger {
             t.info.how.push_str(&format!(
                 "; producer linger {ms} ms (sends queued behind a full window are stored as one batch)"
@@ -313,6 +324,7 @@ impl Target {
                     pid: Some(busd.pid),
                     busd: Some(busd),
                     linger: None,
+                    replicas: 1,
                 })
             }
             None => {
@@ -330,6 +342,7 @@ impl Target {
                     pid: a.busd_pid,
                     busd: None,
                     linger: None,
+                    replicas: 1,
                 })
             }
         }
@@ -453,7 +466,7 @@ async fn connect(
     };
     let bus = bus::Arrowbus {
         client,
-        replication_factor: 1,
+        replication_factor: t.replicas,
         linger: t.linger,
     };
     Ok((bus, watch, task))

@@ -334,6 +334,12 @@ impl Reader {
             Ok(Err(e)) => fail(e.0),
             Ok(Ok(None)) => fail("the peer closed the stream".into()),
             Ok(Ok(Some((PeerResponse::Append(r), _)))) => {
+                tracing::trace!(
+                    target = self.target,
+                    last = ?sent.last.map(|l| l.index),
+                    elapsed_us = sent.sent_at.elapsed().as_micros() as u64,
+                    "append answered"
+                );
                 let r = from_wire_append(r);
                 if matches!(r, AppendEntriesResponse::Conflict) && sent.prev.is_none() {
                     // A conflict at the log's start cannot happen; a peer
