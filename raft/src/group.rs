@@ -136,6 +136,7 @@ impl GroupEnv {
         log_cfg: LogConfig,
         make_applier: impl FnOnce(&Arc<PartitionLog>) -> io::Result<A>,
     ) -> io::Result<Group<A>> {
+        self.registry.set_pool(self.pool.clone());
         // The node's quiescer starts with its first group (the controller).
         if let Some(cfg) = self.timing.quiet_config() {
             self.registry.start_quiet(

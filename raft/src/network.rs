@@ -990,7 +990,17 @@ pub struct GroupRegistry {
     /// from the cluster.
     removed: tokio::sync::watch::Sender<Option<NodeId>>,
     quiet: OnceLock<Arc<Quiescer>>,
+    /// The node's outgoing connections (set when its first group opens).
+    pool: OnceLock<Arc<PeerPool>>,
+    /// Nodes told they are no longer members, and when.
+    told_removed: Mutex<HashMap<NodeId, tokio::time::Instant>>,
 }
+
+/// How often a node that is not a member is told so, at most, while it
+/// keeps asking for votes.
+const REMOVED_NOTICE_EVERY: Duration = Duration::from_secs(5);
+/// How long telling it may take.
+const REMOVED_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl GroupRegistry {
     /// Changes to `Some(by)` when this node is told it left the cluster.
@@ -1014,6 +1024,56 @@ impl GroupRegistry {
     /// The node's quiescer, once started.
     pub fn quiescer(&self) -> Option<&Arc<Quiescer>> {
         self.quiet.get()
+    }
+
+    /// The pool used to answer peers outside a group RPC (once; later calls
+    /// do nothing).
+    pub fn set_pool(&self, pool: Arc<PeerPool>) {
+        let _ = self.pool.set(pool);
+    }
+
+    /// Node `from`, at `addr`, asked for a controller (pre-)vote. If this
+    /// node leads the controller and `from` is none of its members, `from`
+    /// was removed while it was down (the removal's own notice could not
+    /// reach it) and, restarted on its old data, campaigns for a
+    /// membership that no longer exists, for ever. Tell it, so that it
+    /// stops as a node removed while up does. Only the leader judges: its
+    /// membership is the newest there is, so a node being added (already a
+    /// learner there) is never told.
+    fn tell_if_removed(&self, from: NodeId, addr: SocketAddr) {
+        let Some(g) = self.get(CONTROLLER_GROUP) else {
+            return;
+        };
+        if g.status().role != Role::Leader || g.members().addrs.iter().any(|(id, _)| *id == from) {
+            return;
+        }
+        let Some(pool) = self.pool.get().cloned() else {
+            return;
+        };
+        {
+            let mut told = lock(&self.told_removed);
+            let now = tokio::time::Instant::now();
+            if told
+                .get(&from)
+                .is_some_and(|t| now.duration_since(*t) < REMOVED_NOTICE_EVERY)
+            {
+                return;
+            }
+            told.insert(from, now);
+        }
+        tracing::warn!(
+            node = from,
+            %addr,
+            "a node that is not a member of the cluster asks for controller votes: telling it it was removed"
+        );
+        tokio::spawn(async move {
+            if let Err(e) = pool
+                .notify_removed(&addr.to_string(), REMOVED_NOTICE_TIMEOUT)
+                .await
+            {
+                tracing::debug!(node = from, error = %e, "could not tell a removed node");
+            }
+        });
     }
 
     /// A quiescer without its pinger (tests drive it by hand).
@@ -1089,12 +1149,22 @@ pub async fn serve_peer_connection(conn: quinn::Connection, registry: Arc<GroupR
             Err(_) => return,
         };
         let registry = registry.clone();
+        let remote = conn.remote_address();
         tokio::spawn(async move {
             let resp = match read_frame::<PeerRequest>(&mut recv).await {
                 Ok(Some((req, body))) if matches!(req.rpc, PeerRpc::AppendStream(_)) => {
                     return pipeline::serve(&registry, req, body, send, recv).await;
                 }
-                Ok(Some((req, body))) => dispatch(&registry, req, body).await,
+                Ok(Some((req, body))) => {
+                    // Peers dial from their listening socket: `remote` is
+                    // where the sender is served.
+                    if req.group == CONTROLLER_GROUP
+                        && matches!(req.rpc, PeerRpc::Vote(_) | PeerRpc::PreVote(_))
+                    {
+                        registry.tell_if_removed(req.from, remote);
+                    }
+                    dispatch(&registry, req, body).await
+                }
                 Ok(None) => return,
                 Err(e) => PeerResponse::Error {
                     code: ErrorCode::MalformedFrame as u16,

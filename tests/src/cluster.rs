@@ -317,6 +317,13 @@ impl Cluster {
         c.wait().ok().and_then(|s| s.code())
     }
 
+    /// Start node `id` again on its data directory and port, without
+    /// waiting for it to serve (it may be expected to stop by itself).
+    pub fn respawn(&mut self, id: u64) {
+        self.kill9(id);
+        self.spawn((id - 1) as usize);
+    }
+
     /// Start node `id` again on its data directory and port.
     pub fn restart(&mut self, id: u64) {
         self.kill9(id);

@@ -182,7 +182,7 @@ async fn membership_changes_that_would_lose_replicas_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
+async fn a_dead_node_can_be_removed_and_stops_when_it_comes_back() {
     let (mut cluster, client, mut load) = loaded_cluster(4, "ticks", PARTITIONS).await;
     // Node 2 crashes for good; the operator removes it.
     cluster.kill9(2);
@@ -208,4 +208,35 @@ async fn a_dead_node_can_be_removed_and_its_replicas_are_rebuilt_elsewhere() {
             .await;
     }
     check_acked_present(&client, "ticks", &acked).await;
+
+    // Node 2 comes back on its old data. The removal's notice could not
+    // reach it, and its controller log still makes it a voter: it campaigns.
+    // The controller leader, seeing a vote request from a non-member, tells
+    // it it was removed, and it stops cleanly instead of campaigning for
+    // ever.
+    let log_before = cluster.node(2).log().len();
+    cluster.respawn(2);
+    let code = cluster.wait_exit(2, Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(0),
+        "node 2 should have stopped by itself\n{}",
+        cluster.logs()
+    );
+    assert!(
+        cluster.node(2).log()[log_before..].contains("removed this node from the cluster"),
+        "{}",
+        cluster.node(2).log()
+    );
+    // The cluster kept its data and its three nodes.
+    check_acked_present(&client, "ticks", &acked).await;
+    let (code, out, err) = busctl(&cluster, &["--output", "json", "cluster"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: BTreeSet<u64> = json(&out)["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(listed, BTreeSet::from([1, 3, 4]), "{out}");
 }
