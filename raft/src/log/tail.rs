@@ -11,7 +11,10 @@
 //! Bounds: at most `LogConfig::tail_cache_bytes` of bodies (0 disables it),
 //! and nothing once the log has been idle for [`TAIL_IDLE_EXPIRY`] (the
 //! writer clears it), so a node with many quiet partitions holds no tails.
-//! An entry larger than the whole budget is not kept.
+//! An entry larger than the whole budget is not kept. A body that is a
+//! slice of a larger buffer (a follower's entries share the buffer of the
+//! append frame they came in) keeps that buffer alive: what a cache pins is
+//! at most the budget plus one frame (`MAX_BODY_BYTES`).
 //!
 //! Consistency: the cache lives under the same lock as the segment list and
 //! changes only with it. The writer adds a group's entries when it publishes
