@@ -365,7 +365,17 @@ impl Cluster {
         let dir = self.node_mut(id)?.spec.dir.clone();
         let snap = dir.join("snapshot");
         let _ = std::fs::remove_dir_all(&snap);
-        let r = copy_dir(&dir.join("data"), &snap);
+        // SIGSTOP is asynchronous: until every thread has stopped, files may
+        // still be renamed under the copy (a `*.tmp` vanished mid-copy once).
+        let r = match self.pid(id) {
+            Some(pid) => wait_stopped(pid, Duration::from_secs(5)),
+            None => Ok(()),
+        }
+        .and_then(|()| copy_dir(&dir.join("data"), &snap));
+        if r.is_err() {
+            // A partial copy must never be rolled back to.
+            let _ = std::fs::remove_dir_all(&snap);
+        }
         self.resume(id)?;
         r
     }
@@ -470,6 +480,35 @@ impl Drop for Cluster {
             }
         }
         // `net` drops after this and removes the namespaces.
+    }
+}
+
+/// Wait until every thread of `pid` is stopped (state `T` in
+/// /proc/PID/task/*/stat).
+fn wait_stopped(pid: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("listing the threads of {pid}"))?;
+        let mut all = true;
+        for t in tasks {
+            let stat = std::fs::read_to_string(t?.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't') | None) {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} did not stop within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
