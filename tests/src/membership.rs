@@ -26,6 +26,18 @@ pub fn json(stdout: &str) -> Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("busctl JSON {stdout:?}: {e}"))
 }
 
+/// The node ids `busctl cluster` lists.
+pub fn listed_nodes(cluster: &Cluster) -> std::collections::BTreeSet<u64> {
+    let (code, out, err) = busctl(cluster, &["--output", "json", "cluster"]);
+    assert_eq!(code, 0, "{err}");
+    json(&out)["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect()
+}
+
 /// A JSON array of node ids.
 pub fn ids(v: &Value) -> Vec<u64> {
     v.as_array()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arrowbus_tests::acked::check_acked_present;
 use arrowbus_tests::cluster::Cluster;
 use arrowbus_tests::membership::{
-    add_node, await_moves_done, busctl, ids, json, loaded_cluster, remove_node,
+    add_node, await_moves_done, busctl, ids, listed_nodes, loaded_cluster, remove_node,
 };
 
 const PARTITIONS: u32 = 4;
@@ -118,15 +118,7 @@ async fn nodes_join_and_leave_under_load_and_no_acked_batch_is_lost() {
         cluster.node(1).log()
     );
     // The cluster lists the nodes it has now.
-    let (code, out, err) = busctl(&cluster, &["--output", "json", "cluster"]);
-    assert_eq!(code, 0, "{err}");
-    let listed: BTreeSet<u64> = json(&out)["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{out}"))
-        .iter()
-        .filter_map(|n| n["id"].as_u64())
-        .collect();
-    assert_eq!(listed, BTreeSet::from([2, 3, 4]), "{out}");
+    assert_eq!(listed_nodes(&cluster), BTreeSet::from([2, 3, 4]));
     load.await_acks(20, "after remove-node", || cluster.logs())
         .await;
 
@@ -230,13 +222,5 @@ async fn a_dead_node_can_be_removed_and_stops_when_it_comes_back() {
     );
     // The cluster kept its data and its three nodes.
     check_acked_present(&client, "ticks", &acked).await;
-    let (code, out, err) = busctl(&cluster, &["--output", "json", "cluster"]);
-    assert_eq!(code, 0, "{err}");
-    let listed: BTreeSet<u64> = json(&out)["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{out}"))
-        .iter()
-        .filter_map(|n| n["id"].as_u64())
-        .collect();
-    assert_eq!(listed, BTreeSet::from([1, 3, 4]), "{out}");
+    assert_eq!(listed_nodes(&cluster), BTreeSet::from([1, 3, 4]));
 }
