@@ -1,12 +1,13 @@
 //! Opening a Raft group over a partition log, and the partition applier.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 
+use crate::hint::HintFile;
 use crate::log::{LogConfig, PartitionLog};
 use crate::network::{GroupNetwork, GroupRegistry, PeerPool};
 use crate::quiesce::{new_incarnation, Quiescer, QuietConfig};
@@ -236,7 +237,8 @@ const APPLIED_HINT_INTERVAL: Duration = Duration::from_secs(1);
 /// one only makes it visible (the high watermark moves past it).
 pub struct PartitionApplier {
     log: Arc<PartitionLog>,
-    dir: PathBuf,
+    /// How far this replica has applied, as a restart hint.
+    applied_hint: HintFile,
     next_offset: u64,
     last: Option<LogId>,
     hint_written: Instant,
@@ -246,7 +248,7 @@ impl PartitionApplier {
     pub fn new(log: &Arc<PartitionLog>, dir: &Path) -> Self {
         Self {
             log: log.clone(),
-            dir: dir.to_owned(),
+            applied_hint: HintFile::new(&dir.join(APPLIED_HINT)),
             next_offset: log.purged_position().next_offset,
             last: None,
             hint_written: Instant::now(),
@@ -258,15 +260,7 @@ impl PartitionApplier {
         if self.hint_written.elapsed() >= APPLIED_HINT_INTERVAL {
             self.hint_written = Instant::now();
             // Best effort: a stale or missing hint only costs re-applying.
-            let mut b = Vec::with_capacity(28);
-            b.extend_from_slice(&log_id.leader_id.term.to_le_bytes());
-            b.extend_from_slice(&log_id.leader_id.node_id.to_le_bytes());
-            b.extend_from_slice(&log_id.index.to_le_bytes());
-            b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
-            let tmp = self.dir.join("applied.tmp");
-            if std::fs::write(&tmp, &b).is_ok() {
-                let _ = std::fs::rename(&tmp, self.dir.join(APPLIED_HINT));
-            }
+            let _ = self.applied_hint.write(log_id);
         }
     }
 }
@@ -289,18 +283,9 @@ impl Applier for PartitionApplier {
     }
 
     fn recovered_applied(&mut self) -> io::Result<Option<LogId>> {
-        let Ok(b) = std::fs::read(self.dir.join(APPLIED_HINT)) else {
+        let Some(id) = self.applied_hint.read() else {
             return Ok(None);
         };
-        if b.len() != 28 || crc32c::crc32c(&b[..24]).to_le_bytes() != b[24..28] {
-            return Ok(None);
-        }
-        let word = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(w)
-        };
-        let id = types::log_id(word(0), word(1), word(2));
         // The hint must name an entry this log holds, durably, with the
         // same log id (or the position a snapshot reset it to); otherwise
         // re-apply from the snapshot or the start.

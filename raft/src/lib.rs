@@ -13,6 +13,7 @@
 //! - [`group`]: opening a group; the partition applier; retention through
 //!   snapshots ([`group::Group::compact_to`]).
 //! - [`snapshot`]: the snapshot file and a partition's snapshot state.
+//! - [`hint`]: restart hints (commit and apply positions), cheap to write.
 //!
 //! openraft is pinned to an exact 0.10 alpha: the 0.10 line has the storage
 //! API this design needs (flush callbacks for group commit, `truncate_after`,
@@ -27,6 +28,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod group;
+pub mod hint;
 pub mod log;
 pub mod network;
 pub mod quiesce;

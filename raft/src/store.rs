@@ -20,6 +20,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 
+use crate::hint::HintFile;
 use crate::lock;
 use crate::log::{LogError, PartitionLog};
 use crate::types::{self, from_stored, Entry, LogId, TypeConfig, Vote};
@@ -43,6 +44,8 @@ struct Inner {
     /// the flush.
     pending: Mutex<BTreeMap<u64, Entry>>,
     vote: Mutex<Option<Vote>>,
+    /// The commit index, as a restart hint.
+    committed: Mutex<HintFile>,
 }
 
 impl LogStore {
@@ -55,6 +58,7 @@ impl LogStore {
                 dir: dir.to_owned(),
                 pending: Mutex::new(BTreeMap::new()),
                 vote: Mutex::new(vote),
+                committed: Mutex::new(HintFile::new(&dir.join(COMMITTED_FILE))),
             }),
         })
     }
@@ -186,33 +190,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // A hint for restart (how far the state machine may claim to have
-        // applied), not a durability point: written without fsync. Losing
-        // it only means re-applying from the last snapshot.
+        // applied), not a durability point: see `hint`. Called on every
+        // commit, so it must stay one cheap write.
         let Some(c) = committed else { return Ok(()) };
-        let mut bytes = Vec::with_capacity(28);
-        bytes.extend_from_slice(&c.leader_id.term.to_le_bytes());
-        bytes.extend_from_slice(&c.leader_id.node_id.to_le_bytes());
-        bytes.extend_from_slice(&c.index.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        let tmp = self.inner.dir.join(format!("{COMMITTED_FILE}.tmp"));
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, self.inner.dir.join(COMMITTED_FILE))
+        lock(&self.inner.committed).write(&c)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        let Ok(bytes) = std::fs::read(self.inner.dir.join(COMMITTED_FILE)) else {
+        let Some(id) = lock(&self.inner.committed).read() else {
             return Ok(None);
         };
-        if bytes.len() != 28 || crc32c::crc32c(&bytes[..24]).to_le_bytes() != bytes[24..28] {
-            return Ok(None);
-        }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(b)
-        };
-        let id = types::log_id(word(0), word(1), word(2));
         // Never claim more than this log holds (the leader may commit an
         // entry before its own copy is durable).
         let last = self.inner.log.flushed().borrow().last_index;
