@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrowbus_raft::log::{Cursor, StoredBatch};
+use arrowbus_raft::log::{CachedRead, Cursor, StoredBatch};
 use arrowbus_wire::limits::{
     MAX_BATCH_BYTES, MAX_CONNECTIONS, MAX_CREDIT_BATCHES_PER_SUBSCRIPTION,
     MAX_CREDIT_BYTES_PER_SUBSCRIPTION, MAX_INFLIGHT_BATCHES_PER_PRODUCER,
@@ -663,14 +663,19 @@ impl Broker {
                 continue;
             }
             let visible = *flushed.borrow_and_update();
-            let log2 = log.clone();
-            let c = credit;
-            let read = blocking(move || read_some(&log2, cursor, visible.index, c)).await;
-            let batches;
-            (cursor, batches) = match read {
-                Ok(x) => x,
-                Err(e) => return fail(&mut send, e).await,
-            };
+            // A subscriber that keeps up reads from the log's tail cache,
+            // here; only a miss goes to a blocking thread for the file
+            // (two thread hand-offs per read otherwise, at every batch).
+            let (mut batches, miss) = read_cached(&log, &mut cursor, visible.index, credit);
+            if batches.is_empty() && miss {
+                let log2 = log.clone();
+                let (c, at) = (credit, cursor.clone());
+                let read = blocking(move || read_some(&log2, at, visible.index, c)).await;
+                (cursor, batches) = match read {
+                    Ok(x) => x,
+                    Err(e) => return fail(&mut send, e).await,
+                };
+            }
             if batches.is_empty() {
                 tokio::select! {
                     // Committed entries this replica has not flushed yet
@@ -724,20 +729,63 @@ impl Broker {
     }
 }
 
+/// The budget of one read: at most the credit, and at most one call's
+/// worth. The first batch is read even if it alone exceeds the byte credit:
+/// batches are never split.
+struct ReadBudget {
+    bytes: u64,
+    batches: usize,
+}
+
+impl ReadBudget {
+    fn of(credit: Credit) -> Self {
+        Self {
+            bytes: credit.bytes.min(READ_BYTES_PER_CALL_MAX),
+            batches: (credit.batches as usize).min(READ_BATCHES_PER_CALL_MAX),
+        }
+    }
+
+    fn allows_more(&self, out: &[StoredBatch], bytes: u64) -> bool {
+        out.len() < self.batches && (out.is_empty() || bytes < self.bytes)
+    }
+}
+
+/// [`read_some`] from the tail cache only (never blocks). Also says whether
+/// it stopped at an entry that is not cached (the file has it).
+fn read_cached(
+    log: &arrowbus_raft::log::PartitionLog,
+    cursor: &mut Cursor,
+    max_index: u64,
+    credit: Credit,
+) -> (Vec<StoredBatch>, bool) {
+    let budget = ReadBudget::of(credit);
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    while budget.allows_more(&out, bytes) {
+        match log.read_cached(cursor, max_index) {
+            CachedRead::Hit(b) => {
+                bytes += b.record_len();
+                out.push(b);
+            }
+            CachedRead::NotVisible => break,
+            CachedRead::Miss => return (out, true),
+        }
+    }
+    (out, false)
+}
+
 /// Read batches at the cursor that are visible (index <= max_index), within
-/// the credit. The first batch is read even if it alone exceeds the byte
-/// credit: batches are never split.
+/// the credit ([`ReadBudget`]). Blocking: it may read files.
 fn read_some(
     log: &arrowbus_raft::log::PartitionLog,
     mut cursor: Cursor,
     max_index: u64,
     credit: Credit,
 ) -> Result<(Cursor, Vec<StoredBatch>), BrokerError> {
+    let budget = ReadBudget::of(credit);
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    let byte_budget = credit.bytes.min(READ_BYTES_PER_CALL_MAX);
-    let count_budget = (credit.batches as usize).min(READ_BATCHES_PER_CALL_MAX);
-    while out.len() < count_budget && (out.is_empty() || bytes < byte_budget) {
+    while budget.allows_more(&out, bytes) {
         match log.read(&mut cursor, max_index)? {
             Some(b) => {
                 bytes += b.record_len();

@@ -303,6 +303,34 @@ impl StoredBatch {
     }
 }
 
+/// What [`PartitionLog::read_cached`] found at a cursor.
+#[derive(Debug)]
+pub enum CachedRead {
+    /// The entry, from memory; the cursor moved past it.
+    Hit(StoredBatch),
+    /// Nothing at the cursor is visible yet (its index is past `max_index`).
+    NotVisible,
+    /// The entry is not in the cache: [`PartitionLog::read`] it.
+    Miss,
+}
+
+/// The entry at `cursor` if the tail cache holds it, advancing the cursor.
+/// The cache holds only published entries of the current log; the offset
+/// check keeps a cursor from before a truncation on the disk path, which
+/// relocates it.
+fn read_tail(tail: &tail::TailCache, cursor: &mut Cursor) -> Option<StoredBatch> {
+    let c = tail
+        .get(cursor.next_index)
+        .filter(|c| c.header.base_offset == cursor.next_offset)?;
+    *cursor = Cursor {
+        seg: c.seg,
+        pos: c.pos + c.record_len(),
+        next_index: cursor.next_index + 1,
+        next_offset: c.header.next_offset(),
+    };
+    Some(StoredBatch::from_cache(c))
+}
+
 /// A read position. Cheap to clone; holds no file or lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -1141,21 +1169,8 @@ impl PartitionLog {
             }
             let (file, path, len, truncations) = {
                 let s = self.inner.segs();
-                // The cache holds only published entries of the current log;
-                // the offset check keeps a cursor from before a truncation
-                // on the disk path, which relocates it.
-                if let Some(c) = s
-                    .tail
-                    .get(cursor.next_index)
-                    .filter(|c| c.header.base_offset == cursor.next_offset)
-                {
-                    *cursor = Cursor {
-                        seg: c.seg,
-                        pos: c.pos + c.record_len(),
-                        next_index: cursor.next_index + 1,
-                        next_offset: c.header.next_offset(),
-                    };
-                    return Ok(Some(StoredBatch::from_cache(c)));
+                if let Some(b) = read_tail(&s.tail, cursor) {
+                    return Ok(Some(b));
                 }
                 let Some(i) = s.find_base(cursor.seg) else {
                     let first = s.first().map_or(1, |g| g.meta.base_index);
@@ -1206,6 +1221,19 @@ impl PartitionLog {
                     relocated = true;
                 }
             }
+        }
+    }
+
+    /// [`PartitionLog::read`] from the tail cache only: it never touches a
+    /// file, so an async task may call it where `read` belongs on a
+    /// blocking thread. A subscriber that keeps up is served here.
+    pub fn read_cached(&self, cursor: &mut Cursor, max_index: u64) -> CachedRead {
+        if cursor.next_index > max_index {
+            return CachedRead::NotVisible;
+        }
+        match read_tail(&self.inner.segs().tail, cursor) {
+            Some(b) => CachedRead::Hit(b),
+            None => CachedRead::Miss,
         }
     }
 

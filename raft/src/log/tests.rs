@@ -1345,6 +1345,36 @@ async fn the_newest_entries_are_read_from_memory_until_the_log_goes_idle() {
     }
     assert!(log.read(&mut c, u64::MAX).unwrap().is_none());
 
+    // The same walk with `read_cached`, which never reads a file: entry 4
+    // is a miss (the cursor stays), 5 and 6 are hits, and nothing past
+    // `max_index` is shown.
+    let mut c2 = log.seek_offset(m.entries[3].0.base_offset).unwrap();
+    let at4 = c2.clone();
+    assert!(matches!(
+        log.read_cached(&mut c2, u64::MAX),
+        CachedRead::Miss
+    ));
+    assert_eq!(c2, at4, "a miss leaves the cursor where it was");
+    assert_eq!(
+        log.read(&mut c2, u64::MAX).unwrap().unwrap().record(),
+        m.record(4)
+    );
+    assert!(matches!(
+        log.read_cached(&mut c2, 4),
+        CachedRead::NotVisible
+    ));
+    for i in 5..=6 {
+        match log.read_cached(&mut c2, 6) {
+            CachedRead::Hit(b) => assert_eq!(b.record(), m.record(i), "entry {i}"),
+            other => panic!("entry {i} should come from memory: {other:?}"),
+        }
+    }
+    assert_eq!(c2, c, "both walks end at the same place");
+    assert!(matches!(
+        log.read_cached(&mut c2, 6),
+        CachedRead::NotVisible
+    ));
+
     // Idle past the expiry: the cache is dropped, entry 6 now comes from
     // the damaged file.
     tokio::time::sleep(super::tail::TAIL_IDLE_EXPIRY + Duration::from_millis(500)).await;
@@ -1357,6 +1387,10 @@ async fn the_newest_entries_are_read_from_memory_until_the_log_goes_idle() {
     let e = data(7, 1, 500);
     m.push(e.clone());
     app(&log, vec![e]).await;
+    assert!(matches!(
+        log.read_cached(&mut c, u64::MAX),
+        CachedRead::Miss
+    ));
     let b = log.read(&mut c, u64::MAX).unwrap().unwrap();
     assert_eq!(b.record(), m.record(7));
     assert_eq!(c.next_offset(), m.next_offset());
