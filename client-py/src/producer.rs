@@ -117,20 +117,21 @@ impl Core {
     }
 
     /// Put every batch of `source` in flight (or in the linger queue) to one
-    /// partition, in order. Returns once the last one is admitted.
+    /// partition, in order. Returns once the last one is admitted, with the
+    /// acks that already came in resolved and the rest still to await.
     pub async fn send_all(
         self: Arc<Self>,
         topic: String,
         mut source: Source,
         partition: Option<u32>,
-    ) -> Result<VecDeque<arrowbus::PendingAck>, BusError> {
+    ) -> Result<AckState, BusError> {
         let partition = self.partition_for(&topic, partition).await?;
-        let mut waits = VecDeque::new();
+        let mut state = AckState::default();
         let mut any = false;
         while let Some(batch) = source.next_batch()? {
             any = true;
             for piece in slice_by_memory(&batch, PIECE_TARGET_BYTES) {
-                self.send_piece(&topic, partition, piece, &mut waits)
+                self.send_piece(&topic, partition, piece, &mut state)
                     .await?;
             }
         }
@@ -138,10 +139,10 @@ impl Core {
             // An input without batches still fixes the topic schema, as
             // `busctl produce` does for an empty file: one empty batch.
             let empty = RecordBatch::new_empty(source.schema());
-            self.send_piece(&topic, partition, empty, &mut waits)
+            self.send_piece(&topic, partition, empty, &mut state)
                 .await?;
         }
-        Ok(waits)
+        Ok(state)
     }
 
     async fn send_piece(
@@ -149,7 +150,7 @@ impl Core {
         topic: &str,
         partition: u32,
         piece: RecordBatch,
-        waits: &mut VecDeque<arrowbus::PendingAck>,
+        state: &mut AckState,
     ) -> Result<(), BusError> {
         // With linger on, the piece goes through the partition's linger
         // queue (`send_split` then slices by Arrow memory up front).
@@ -158,8 +159,11 @@ impl Core {
             .send_split(topic, Some(partition), &piece)
             .await
             .map_err(BusError::from)?;
-        waits.extend(sent);
-        Ok(())
+        state.waits.extend(sent);
+        // An unawaited ack keeps its batch's encoded body (a retry resends
+        // it). Resolving the acks that are in as the stream goes keeps a
+        // long reader's memory at the window, not at everything it sent.
+        state.resolve_ready()
     }
 
     async fn flush(&self) -> Result<(), BusError> {
@@ -195,10 +199,34 @@ async fn gather(state: &mut AckState) -> Result<Ack, BusError> {
 }
 
 #[derive(Default)]
-struct AckState {
+pub struct AckState {
     waits: VecDeque<arrowbus::PendingAck>,
     done: Vec<Piece>,
     outcome: Option<Result<Ack, BusError>>,
+}
+
+impl AckState {
+    /// Move the acks at the front that have completed into `done`, without
+    /// waiting. The first failure is the publish's outcome.
+    fn resolve_ready(&mut self) -> Result<(), BusError> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while let Some(w) = self.waits.front_mut() {
+            match std::pin::Pin::new(w).poll(&mut cx) {
+                Poll::Ready(Ok(a)) => {
+                    self.done.push(Piece::from(a));
+                    self.waits.pop_front();
+                }
+                Poll::Ready(Err(e)) => {
+                    let e = BusError::from(e);
+                    self.waits.clear();
+                    return Err(e);
+                }
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Publishes Arrow data; see the Python docstrings in `arrowbus`.
@@ -250,10 +278,7 @@ impl Producer {
         let source = import(data)?;
         let core = self.core.clone();
         wait_shielded(py, async move {
-            let mut state = AckState {
-                waits: core.send_all(topic, source, partition).await?,
-                ..AckState::default()
-            };
+            let mut state = core.send_all(topic, source, partition).await?;
             gather(&mut state).await
         })
     }
@@ -271,10 +296,7 @@ impl Producer {
         let core = self.core.clone();
         let sent = shielded(core.send_all(topic, source, partition))?;
         to_asyncio(py, async move {
-            let mut state = AckState {
-                waits: sent.await?,
-                ..AckState::default()
-            };
+            let mut state = sent.await?;
             gather(&mut state).await
         })
     }
@@ -291,8 +313,8 @@ impl Producer {
     ) -> PyResult<PendingAck> {
         let source = import(data)?;
         let core = self.core.clone();
-        let waits = wait_shielded(py, core.send_all(topic, source, partition))?;
-        Ok(PendingAck::new(waits))
+        let state = wait_shielded(py, core.send_all(topic, source, partition))?;
+        Ok(PendingAck::new(state))
     }
 
     /// `send` as an asyncio future (suspended while the window is full).
@@ -356,12 +378,9 @@ impl PendingAck {
         }
     }
 
-    fn new(waits: VecDeque<arrowbus::PendingAck>) -> Self {
+    fn new(state: AckState) -> Self {
         Self {
-            state: Arc::new(tokio::sync::Mutex::new(AckState {
-                waits,
-                ..AckState::default()
-            })),
+            state: Arc::new(tokio::sync::Mutex::new(state)),
         }
     }
 }

@@ -267,3 +267,52 @@ def test_large_frames_are_split_under_the_batch_limit(bus: arrowbus.Client, topi
     assert info.bytes / len(ack.batches) < arrowbus.MAX_BATCH_BYTES
     back = bus.subscribe(topic, start="earliest", until_end=True).to_reader().read_all()
     assert back.equals(t)
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_one_publish_of_a_long_reader_holds_the_window_not_the_stream(
+    bus: arrowbus.Client, topic: str
+) -> None:
+    """A reader much larger than the producer's window, in one `publish`:
+    the client holds what is in flight (64 MiB), not everything it sent.
+    An ack not yet resolved keeps its batch's encoded body for a retry, so
+    resolving acks only at the end grows by the whole stream."""
+    rows = 1 << 17  # one int64 column: 1 MiB of Arrow memory per batch
+    batch = pa.record_batch({"seq": pa.array(range(rows), pa.int64())})
+    n = 384  # 384 MiB in all
+
+    def frames():
+        for _ in range(n):
+            yield batch  # the same Arrow memory every time
+
+    bus.admin.create_topic(topic)
+    reader = pa.RecordBatchReader.from_batches(batch.schema, frames())
+    start = rss_mib()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        ack = bus.producer().publish(topic, reader)
+    finally:
+        done.set()
+        sampler.join()
+    growth = peak[0] - start
+    print(f"RSS {start:.0f} MiB before, peak {peak[0]:.0f} MiB: +{growth:.0f} MiB for {n} MiB sent")
+    assert ack.rows == n * rows
+    assert sum(r for _, _, r in ack.batches) == n * rows
+    # The window (64 MiB) plus encoding buffers; keeping every body would
+    # be over 384.
+    assert growth < 192, f"client RSS grew {growth:.0f} MiB while publishing {n} MiB"
