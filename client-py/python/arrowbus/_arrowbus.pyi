@@ -125,6 +125,13 @@ class Admin:
     def delete_topic_async(self, name: str) -> Any: ...
 
 class PartitionInfo:
+    """One partition as its leader reports it. Offsets count rows;
+    `latest_offset - earliest_offset` rows are retained. `bytes` and
+    `batches` describe the partition's log: `batches` counts log entries,
+    the data batches plus Raft's own entries (two when a single-node
+    partition is created, one more per leader election), so count rows to
+    count data."""
+
     partition: int
     leader: int
     replicas: list[int]

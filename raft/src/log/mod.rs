@@ -1226,7 +1226,9 @@ impl PartitionLog {
 
     /// [`PartitionLog::read`] from the tail cache only: it never touches a
     /// file, so an async task may call it where `read` belongs on a
-    /// blocking thread. A subscriber that keeps up is served here.
+    /// blocking thread. A subscriber that keeps up is served here. It takes
+    /// the segment lock for reading; only a truncation or a reset (leader
+    /// changes, snapshot installs: rare) holds it across file operations.
     pub fn read_cached(&self, cursor: &mut Cursor, max_index: u64) -> CachedRead {
         if cursor.next_index > max_index {
             return CachedRead::NotVisible;
