@@ -344,10 +344,11 @@ def main() -> None:
         say("")
         say("| batch | rust | python 1 thread | python 4 threads | python 1t / rust | 4t / 1t |")
         say("|---|---|---|---|---|---|")
+        def medians(table: dict, label: str, *variants: str) -> list[float]:
+            return [statistics.median(table[(label, v)]) for v in variants]
+
         for label, _, _ in sizes:
-            r = statistics.median(results[(label, "rust")])
-            p1 = statistics.median(results[(label, "python 1 thread")])
-            p4 = statistics.median(results[(label, "python 4 threads")])
+            r, p1, p4 = medians(results, label, "rust", "python 1 thread", "python 4 threads")
             say(f"| {label} | {r:,.0f} | {p1:,.0f} | {p4:,.0f} | {p1 / r:.0%} | {p4 / p1:.2f}x |")
         say("")
         say("### Thread scaling with blocking `publish` (one batch in flight per thread; medians, batches/s)")
@@ -355,8 +356,7 @@ def main() -> None:
         say("| batch | 1 thread | 4 threads | 4t / 1t |")
         say("|---|---|---|---|")
         for label, _, _ in sizes:
-            b1 = statistics.median(results[(label, "python 1 thread blocking")])
-            b4 = statistics.median(results[(label, "python 4 threads blocking")])
+            b1, b4 = medians(results, label, "python 1 thread blocking", "python 4 threads blocking")
             say(f"| {label} | {b1:,.0f} | {b4:,.0f} | {b4 / b1:.2f}x |")
         say("")
         say("### Client CPU per batch (median µs; robust to wall-clock noise: what a batch costs the producer process)")
@@ -364,9 +364,7 @@ def main() -> None:
         say("| batch | rust | python 1 thread | python 4 threads | rust / python 1t (throughput if client-CPU-bound) |")
         say("|---|---|---|---|---|")
         for label, _, _ in sizes:
-            r = statistics.median(cpu_per_batch[(label, "rust")])
-            p1 = statistics.median(cpu_per_batch[(label, "python 1 thread")])
-            p4 = statistics.median(cpu_per_batch[(label, "python 4 threads")])
+            r, p1, p4 = medians(cpu_per_batch, label, "rust", "python 1 thread", "python 4 threads")
             say(f"| {label} | {r:,.0f} | {p1:,.0f} | {p4:,.0f} | {r / p1:.0%} |")
         say("")
         say("### Subscriber delivery rate (from earliest to the end; Python calls `.to_pyarrow()` per batch)")
