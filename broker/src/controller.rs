@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use arrowbus_raft::sm::Applier;
 use arrowbus_raft::types::{self, Applied, Command, LogId};
@@ -164,6 +165,18 @@ pub fn decode_reply(applied: &Applied) -> io::Result<ControllerReply> {
 const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_NEXT_TOPIC_ID: &[u8] = b"m/next_topic_id";
 const KEY_DRAINING: &[u8] = b"m/draining";
+
+/// How long `open` waits for sled's file lock. A dropped `sled::Db` lets
+/// go of it only once its background flusher thread ends, a moment later:
+/// reopening right away (a test, a controller restarted in-process) must
+/// wait for that, not mistake it for damage and rebuild.
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
+const SLED_LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// sled 0.34 (pinned exactly) reports a held lock only in its message.
+fn is_sled_lock_error(e: &io::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
 const TOPIC_PREFIX: &[u8] = b"t/";
 
 #[derive(Serialize, Deserialize)]
@@ -191,10 +204,30 @@ pub struct ControllerApplier {
 
 impl ControllerApplier {
     /// Open the sled state in `dir`. If it does not open, or does not
-    /// decode, it is moved aside and rebuilt from the Raft log.
+    /// decode, it is moved aside and rebuilt from the Raft log. A state
+    /// another handle still holds is not damaged: that waits, then fails.
     pub fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_waiting(dir, SLED_LOCK_WAIT)
+    }
+
+    fn open_waiting(dir: &Path, lock_wait: Duration) -> io::Result<Self> {
         let path = dir.join("state.sled");
-        match Self::try_open(&path) {
+        let deadline = Instant::now() + lock_wait;
+        let first = loop {
+            match Self::try_open(&path) {
+                Err(e) if is_sled_lock_error(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(io::Error::other(format!(
+                            "controller state {} is locked: {e}. Is another busd using this data directory?",
+                            path.display()
+                        )));
+                    }
+                    std::thread::sleep(SLED_LOCK_RETRY);
+                }
+                other => break other,
+            }
+        };
+        match first {
             Ok(a) => Ok(a),
             Err(e) => {
                 let aside = dir.join(format!("state.sled.broken-{}", crate::topics::now_ms()));
@@ -957,6 +990,31 @@ mod tests {
         );
         // Recorded durably: a restarted node must not create it either.
         assert_eq!(a.topics()[0].moved, BTreeSet::from([m.partition]));
+    }
+
+    #[test]
+    fn a_state_held_by_another_handle_is_refused_not_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = ControllerApplier::open(dir.path()).expect("open");
+        let reply = apply(&mut a, 1, create("kept", vec![1, 2]));
+        assert!(matches!(reply, ControllerReply::Topic(_)), "{reply:?}");
+        let e = match ControllerApplier::open_waiting(dir.path(), Duration::from_millis(100)) {
+            Err(e) => e,
+            Ok(_) => panic!("a second handle opened a state that is in use"),
+        };
+        assert!(e.to_string().contains("is locked"), "{e}");
+        // Nothing was moved aside: the first handle's state is intact.
+        let entries: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|d| d.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(entries, vec!["state.sled".to_owned()]);
+        drop(a);
+        // Once the handle is gone (its flusher thread ends a moment later),
+        // the state reopens with what was applied.
+        let a = ControllerApplier::open(dir.path()).expect("reopen");
+        assert_eq!(a.topics().len(), 1);
+        assert_eq!(a.topics()[0].name, "kept");
     }
 
     #[test]
