@@ -28,6 +28,9 @@ const ROWS: usize = 1500;
 /// replication sessions to unreachable peers up front, the leader never
 /// purged within this bound.
 const MAX_BATCHES_WHILE_DOWN: usize = 400;
+/// Pause after each round of 10 batches while waiting for that cut: the 40
+/// rounds then span at least 2 s, ten retention checks.
+const RETENTION_ROUND_PAUSE: Duration = Duration::from_millis(50);
 
 /// Acks: base offset -> the seq values of the batch acknowledged there.
 type Acked = BTreeMap<u64, Vec<i64>>;
@@ -201,6 +204,10 @@ async fn follower_behind_retention_recovers_via_snapshot() {
     loop {
         publisher.publish(10, &cluster).await;
         published += 10;
+        // Retention acts on a timer (every 200 ms here), not per batch: a
+        // pause per round keeps the bound below about time as well as
+        // bytes, however fast the cluster takes the batches.
+        tokio::time::sleep(RETENTION_ROUND_PAUSE).await;
         let mut earliest = Vec::new();
         for c in &live_clients {
             earliest.push(replica_offsets(c).await.map_or(0, |o| o.0));
