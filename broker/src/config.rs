@@ -124,6 +124,10 @@ pub struct LogSettings {
     /// read them without touching the file. Held only while the partition
     /// is written (dropped after 2 s idle). 0 disables it.
     pub tail_cache_bytes: u64,
+    /// With `fsync = "always"`, write segment files with O_DIRECT: no copy
+    /// into the page cache (falls back to buffered writes on file systems
+    /// without O_DIRECT, such as tmpfs).
+    pub direct_io: bool,
     /// How often retention is enforced, in ms.
     pub retention_check_interval_ms: u64,
     /// Default topic retention by age, in ms (none: keep forever).
@@ -141,6 +145,7 @@ impl Default for LogSettings {
             index_interval_bytes: 64 * 1024,
             max_group_bytes: 64 * 1024 * 1024,
             tail_cache_bytes: 8 * 1024 * 1024,
+            direct_io: true,
             retention_check_interval_ms: 30_000,
             default_retention_ms: None,
             default_retention_bytes: None,
@@ -396,6 +401,7 @@ impl BrokerConfig {
             },
             max_group_bytes: self.log.max_group_bytes,
             tail_cache_bytes: self.log.tail_cache_bytes,
+            direct_io: self.log.direct_io,
         }
     }
 }

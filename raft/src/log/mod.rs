@@ -55,6 +55,10 @@
 //!                      one per index_interval_bytes of records
 //!   end    4 crc32c of everything before
 //! ```
+//! The active segment may end with fewer than 4,096 zero bytes after its
+//! last record: the padding of a direct (`O_DIRECT`) write (module `direct`).
+//! Recovery cuts it; a segment is cut to its last record when sealed.
+//!
 //! New files are written as `*.tmp`, fsynced, renamed, and the directory is
 //! fsynced, so a file with a final name is always complete.
 //!
@@ -79,6 +83,7 @@
 //! after the write reaches the page cache; an fsync runs every interval. A
 //! machine crash loses up to one interval of acknowledged appends.
 
+mod direct;
 mod disk;
 mod tail;
 mod writer;
@@ -164,6 +169,10 @@ pub struct LogConfig {
     /// touching the file (dropped after the log is idle for 2 s). 0: none.
     /// Default 8 MiB; at most [`MAX_TAIL_CACHE_BYTES`].
     pub tail_cache_bytes: u64,
+    /// With [`FsyncPolicy::Always`], write segments with `O_DIRECT`
+    /// (module `direct`: no copy into the page cache) where the file system
+    /// allows it. Default true.
+    pub direct_io: bool,
 }
 
 impl Default for LogConfig {
@@ -174,6 +183,7 @@ impl Default for LogConfig {
             fsync: FsyncPolicy::Always,
             max_group_bytes: 64 * 1024 * 1024,
             tail_cache_bytes: 8 * 1024 * 1024,
+            direct_io: true,
         }
     }
 }
@@ -1661,7 +1671,11 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
             // an interrupted truncation or roll must not be trusted later.
             disk::remove_if_exists(&idx_path)?;
             let w = disk::walk_segment(&file, &path, header, file_len, cfg.index_interval_bytes)?;
-            if let Some(stop) = w.stop {
+            if let Some(stop) = w
+                .stop
+                .as_ref()
+                .filter(|s| !is_direct_padding(&file, &path, s.pos, file_len).unwrap_or(false))
+            {
                 let tail = file_len - stop.pos;
                 // A torn write only affects the last, unsynced group, which is at
                 // most max_group_bytes. A longer tail with a valid record after
@@ -1688,6 +1702,15 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
                 file.sync_all()
                     .map_err(|e| disk::io_err("fsync", &path, e))?;
                 report.truncated_bytes = tail;
+            } else if let Some(stop) = &w.stop {
+                // Only the zero padding of the last direct write (module
+                // `direct`): nothing was torn.
+                tracing::debug!(segment = %path.display(), position = stop.pos,
+                    bytes = file_len - stop.pos, "cutting direct-write padding");
+                file.set_len(stop.pos)
+                    .map_err(|e| disk::io_err("truncate", &path, e))?;
+                file.sync_all()
+                    .map_err(|e| disk::io_err("fsync", &path, e))?;
             }
             (w.meta, w.index)
         };
@@ -1702,6 +1725,20 @@ fn recover(dir: &Path, cfg: &LogConfig) -> Result<(VecDeque<Segment>, RecoveryRe
     }
     report.segments = list.len();
     Ok((list, report))
+}
+
+/// Is `from..file_len` the zero padding a direct write leaves after the
+/// last record: shorter than one alignment block, ending on a block
+/// boundary, all zeros?
+fn is_direct_padding(file: &File, path: &Path, from: u64, file_len: u64) -> Result<bool, LogError> {
+    let align = direct::DIRECT_ALIGN as u64;
+    if file_len - from >= align || !file_len.is_multiple_of(align) {
+        return Ok(false);
+    }
+    let mut tail = vec![0u8; (file_len - from) as usize];
+    file.read_exact_at(&mut tail, from)
+        .map_err(|e| disk::io_err("read", path, e))?;
+    Ok(tail.iter().all(|b| *b == 0))
 }
 
 fn parse_name(name: &str, ext: &str) -> Option<u64> {

@@ -22,6 +22,7 @@ fn small_cfg() -> LogConfig {
         max_group_bytes: 1 << 20,
         // A few entries: reads mix the cache and the file.
         tail_cache_bytes: 2048,
+        direct_io: true,
     }
 }
 
@@ -356,6 +357,22 @@ async fn torn_tail_at_every_byte_of_the_last_record_is_cut() {
     let last = mk(31, 1, BatchKind::Data, 5, 999, 37);
     m.push(last.clone());
     app(&log, vec![last]).await;
+    log.close();
+    drop(log);
+    let written = seg_files(src.path()).last().unwrap().clone();
+    if super::direct::open_direct(&written).unwrap().is_some() {
+        let len = std::fs::metadata(&written).unwrap().len();
+        assert_eq!(
+            len % super::direct::DIRECT_ALIGN as u64,
+            0,
+            "direct writes pad to a block"
+        );
+    }
+    // A clean reopen cuts the zero padding of the last direct write without
+    // calling it torn, and leaves the file ending at the last record.
+    let (log, report) = PartitionLog::open(src.path(), small_cfg()).unwrap();
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(report.entries, 31);
     log.close();
     drop(log);
     let segs = seg_files(src.path());
@@ -837,10 +854,10 @@ async fn randomized_appends_truncates_and_reopens_match_a_model() {
     check(&log, &m);
 }
 
-/// A tmpfs mounted for the test; unmounted on drop, even when the test fails.
-struct Tmpfs(PathBuf);
+/// A file system mounted for a test; unmounted on drop, even when the test fails.
+struct Mounted(PathBuf);
 
-impl Drop for Tmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
@@ -848,19 +865,69 @@ impl Drop for Tmpfs {
 
 #[tokio::test]
 async fn disk_full_rolls_back_and_resumes_when_space_returns() {
+    // tmpfs has no O_DIRECT: the buffered fallback.
     let root = tempfile::tempdir().unwrap();
     let mnt = root.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
+    let _guard = mount(&mnt, &["-t", "tmpfs", "-o", "size=2m", "tmpfs"]);
+    disk_full_case(&mnt).await;
+}
+
+#[tokio::test]
+async fn disk_full_with_direct_writes_rolls_back_and_resumes() {
+    // A small ext4 image: O_DIRECT works there, so the failing writes are
+    // direct ones and the rollback must also reset the staged block.
+    let root = tempfile::tempdir().unwrap();
+    let img = root.path().join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * 1024 * 1024)
+        .unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-O", "^has_journal"])
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is needed");
+    assert!(st.success(), "mkfs.ext4 failed");
+    let mnt = root.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = mount(&mnt, &["-o", "loop", img.to_str().unwrap()]);
+    let probe = mnt.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    assert!(
+        super::direct::open_direct(&probe).unwrap().is_some(),
+        "ext4 takes O_DIRECT"
+    );
+    std::fs::remove_file(&probe).unwrap();
+    disk_full_case(&mnt).await;
+}
+
+/// Mount with `args` at `mnt` (root only; CI runs as root) until dropped.
+fn mount(mnt: &Path, args: &[&str]) -> Mounted {
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
+        .args(args)
+        .arg(mnt)
         .status()
         .unwrap();
-    assert!(
-        st.success(),
-        "mounting a tmpfs needs root (CI runs as root)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    assert!(st.success(), "mount {args:?} needs root (CI runs as root)");
+    Mounted(mnt.to_owned())
+}
+
+/// Bytes available to an unprivileged writer at `path` (`df`).
+fn available_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Fill the file system under `mnt` while appending: the failing group is
+/// rolled back, queued appends fail without a gap, and the log continues
+/// where it was once space returns, also after a reopen.
+async fn disk_full_case(mnt: &Path) {
     let dir = mnt.join("log");
     let cfg = LogConfig {
         segment_max_bytes: 256 * 1024,
@@ -868,11 +935,13 @@ async fn disk_full_rolls_back_and_resumes_when_space_returns() {
         fsync: FsyncPolicy::Always,
         max_group_bytes: 64 * 1024,
         tail_cache_bytes: 64 * 1024,
+        direct_io: true,
     };
     let (log, _) = PartitionLog::open(&dir, cfg.clone()).unwrap();
-    // Fill most of the file system.
+    // Fill all but ~half a MiB of the file system.
     let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![0u8; 1024 * 1024 + 512 * 1024]).unwrap();
+    let leave = 512 * 1024;
+    std::fs::write(&filler, vec![0u8; (available_bytes(mnt) - leave) as usize]).unwrap();
     let mut m = Model::default();
     let mut full = None;
     for i in 1..=1000u64 {
@@ -1305,6 +1374,7 @@ async fn the_newest_entries_are_read_from_memory_until_the_log_goes_idle() {
         max_group_bytes: 1 << 20,
         // The last two of the 200-byte bodies below.
         tail_cache_bytes: 450,
+        direct_io: true,
     };
     let (log, _) = PartitionLog::open(dir.path(), cfg).unwrap();
     let mut m = Model::default();

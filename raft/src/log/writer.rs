@@ -18,6 +18,7 @@ use arrowbus_wire::{BatchHeader, BATCH_HEADER_BYTES};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::direct::Appender;
 use super::disk::{self, IndexEntry, LastEntry, SegMeta, SEG_HEADER_BYTES};
 use super::tail::{Cached, TAIL_IDLE_EXPIRY};
 use super::{
@@ -93,8 +94,13 @@ struct Writer {
     /// Segments sealed during the current group, oldest first. The first one
     /// is the segment that was active when the group started.
     rolled: Vec<Pending>,
+    /// Buffered writes (no `O_DIRECT`): records staged here, written at
+    /// `wbuf_pos` with one `pwrite` when it fills or the group ends.
     wbuf: Vec<u8>,
     wbuf_pos: u64,
+    /// Direct writes (module `direct`), when configured and the file system
+    /// takes them; `None`: the buffered path above.
+    direct: Option<Appender>,
     /// Written but not fsynced (Interval policy).
     dirty: bool,
     last_sync: Instant,
@@ -130,6 +136,10 @@ pub(crate) fn spawn(
         }
     };
     let dir = inner.dir.clone();
+    // Direct writes only pay off when every group is synced anyway; with an
+    // fsync interval the page cache is what batches the writes.
+    let direct =
+        (inner.cfg.direct_io && inner.cfg.fsync == FsyncPolicy::Always).then(Appender::new);
     let w = Writer {
         inner,
         rx,
@@ -137,6 +147,7 @@ pub(crate) fn spawn(
         rolled: Vec::new(),
         wbuf: Vec::with_capacity(WRITE_BUFFER_BYTES),
         wbuf_pos: 0,
+        direct,
         dirty: false,
         last_sync: Instant::now(),
         group_tail: Vec::new(),
@@ -388,7 +399,9 @@ impl Writer {
             });
             self.active.last_indexed = Some(pos);
         }
-        if rec_len as usize > WRITE_BUFFER_BYTES {
+        if self.stage_direct(rec, pos)? {
+            // Staged for a direct write.
+        } else if rec_len as usize > WRITE_BUFFER_BYTES {
             self.flush_wbuf()?;
             let f = &self.active.file;
             f.write_all_at(&rec.encoded, pos)
@@ -417,7 +430,35 @@ impl Writer {
         Ok(())
     }
 
+    /// Stage `rec` (at `pos`) on the direct path. `Ok(false)`: there is no
+    /// direct path (not configured, or the file system refused `O_DIRECT`,
+    /// which switches this log to buffered writes for good).
+    fn stage_direct(&mut self, rec: &Record, pos: u64) -> Result<bool, Fail> {
+        let Some(d) = self.direct.as_mut() else {
+            return Ok(false);
+        };
+        let path = &self.active.path;
+        let attached = d
+            .attach(self.active.meta.base_index, path, &self.active.file, pos)
+            .map_err(|e| Fail::Write(disk::write_err("open for direct writes", path, e)))?;
+        if !attached {
+            tracing::info!(dir = %self.inner.dir.display(),
+                "the file system does not support O_DIRECT; the log writes through the page cache");
+            self.direct = None;
+            return Ok(false);
+        }
+        d.append(&rec.encoded)
+            .and_then(|()| d.append(&rec.body))
+            .map_err(|e| Fail::Write(disk::write_err("write", path, e)))?;
+        Ok(true)
+    }
+
     fn flush_wbuf(&mut self) -> Result<(), Fail> {
+        if let Some(d) = self.direct.as_mut() {
+            return d
+                .flush()
+                .map_err(|e| Fail::Write(disk::write_err("write", &self.active.path, e)));
+        }
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -430,6 +471,15 @@ impl Writer {
     /// first entry is `next`.
     fn roll(&mut self, next: &BatchHeader) -> Result<(), Fail> {
         self.flush_wbuf()?;
+        if let Some(d) = self.direct.as_mut() {
+            // A sealed segment ends at its last record: cut the direct
+            // path's zero padding before the seal is made durable.
+            d.invalidate();
+            self.active
+                .file
+                .set_len(self.active.meta.len)
+                .map_err(|e| Fail::Write(disk::io_err("truncate", &self.active.path, e)))?;
+        }
         self.sync_active().map_err(Fail::Fatal)?;
         let mut all = {
             let s = self.inner.segs();
@@ -471,6 +521,9 @@ impl Writer {
     /// it started in and cuts that back to the group's start.
     fn rollback(&mut self, start: SegMeta, start_indexed: Option<u64>) -> Result<(), LogError> {
         self.wbuf.clear();
+        if let Some(d) = self.direct.as_mut() {
+            d.invalidate();
+        }
         self.group_tail.clear();
         let dir = self.inner.dir.clone();
         if !self.rolled.is_empty() {
@@ -564,6 +617,9 @@ impl Writer {
             return;
         }
         let meta = SegMeta::empty(r.last.index + 1, r.next_offset, Some(r.last));
+        if let Some(d) = self.direct.as_mut() {
+            d.invalidate();
+        }
         // On failure part of the old log may be gone: only recovery (which
         // finishes the reset from the marker) knows the state now.
         let res = self.do_reset(meta).inspect_err(|e| self.go_failed(e));
@@ -622,6 +678,9 @@ impl Writer {
         if let Some(e) = self.stale(t.epoch) {
             let _ = t.tx.send(Err(e));
             return;
+        }
+        if let Some(d) = self.direct.as_mut() {
+            d.invalidate();
         }
         let res = match self.do_truncate(t.index, t.new_pos) {
             Ok(()) => Ok(()),
