@@ -453,6 +453,16 @@ impl Writer {
         Ok(true)
     }
 
+    /// Drop what is staged for writing: the active segment is about to
+    /// change other than by appending (roll, truncation, reset, rollback),
+    /// so the direct path re-reads its partial block before the next write.
+    fn discard_staged(&mut self) {
+        self.wbuf.clear();
+        if let Some(d) = self.direct.as_mut() {
+            d.invalidate();
+        }
+    }
+
     fn flush_wbuf(&mut self) -> Result<(), Fail> {
         if let Some(d) = self.direct.as_mut() {
             return d
@@ -471,10 +481,10 @@ impl Writer {
     /// first entry is `next`.
     fn roll(&mut self, next: &BatchHeader) -> Result<(), Fail> {
         self.flush_wbuf()?;
-        if let Some(d) = self.direct.as_mut() {
+        if self.direct.is_some() {
             // A sealed segment ends at its last record: cut the direct
             // path's zero padding before the seal is made durable.
-            d.invalidate();
+            self.discard_staged();
             self.active
                 .file
                 .set_len(self.active.meta.len)
@@ -520,10 +530,7 @@ impl Writer {
     /// Undoes a failed group: deletes segments it created, un-seals the one
     /// it started in and cuts that back to the group's start.
     fn rollback(&mut self, start: SegMeta, start_indexed: Option<u64>) -> Result<(), LogError> {
-        self.wbuf.clear();
-        if let Some(d) = self.direct.as_mut() {
-            d.invalidate();
-        }
+        self.discard_staged();
         self.group_tail.clear();
         let dir = self.inner.dir.clone();
         if !self.rolled.is_empty() {
@@ -617,9 +624,7 @@ impl Writer {
             return;
         }
         let meta = SegMeta::empty(r.last.index + 1, r.next_offset, Some(r.last));
-        if let Some(d) = self.direct.as_mut() {
-            d.invalidate();
-        }
+        self.discard_staged();
         // On failure part of the old log may be gone: only recovery (which
         // finishes the reset from the marker) knows the state now.
         let res = self.do_reset(meta).inspect_err(|e| self.go_failed(e));
@@ -679,9 +684,7 @@ impl Writer {
             let _ = t.tx.send(Err(e));
             return;
         }
-        if let Some(d) = self.direct.as_mut() {
-            d.invalidate();
-        }
+        self.discard_staged();
         let res = match self.do_truncate(t.index, t.new_pos) {
             Ok(()) => Ok(()),
             Err(Fail::Write(e)) => Err(e),
