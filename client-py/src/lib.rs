@@ -42,5 +42,10 @@ fn _arrowbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<subscriber::Batch>()?;
     m.add_class::<arrow_io::ArrowSchema>()?;
     m.add("MAX_BATCH_BYTES", arrowbus_wire::limits::MAX_BATCH_BYTES)?;
+    // Registered at import, so it runs after the atexit hooks of code that
+    // imported arrowbus (atexit is last in, first out): those may still use
+    // the client.
+    let gate = wrap_pyfunction!(rt::close_python_gate, m)?;
+    m.py().import("atexit")?.call_method1("register", (gate,))?;
     Ok(())
 }

@@ -8,10 +8,20 @@
 //!   return an `asyncio.Future` of the running loop, completed through
 //!   `loop.call_soon_threadsafe`. No thread or event loop per call; the
 //!   Python future's cancellation aborts the Rust task.
+//!
+//! Runtime threads call into Python only through [`attach_unless_exiting`].
+//! CPython ends any thread that asks for the GIL once finalization has begun
+//! (`pthread_exit`); unwinding that through Rust frames aborts the whole
+//! process. It happens easily: `call_soon_threadsafe` releases the GIL to
+//! wake the loop, the loop completes the future, the program returns, the
+//! interpreter finalizes, and the runtime thread wants the GIL back. So an
+//! `atexit` hook ([`close_python_gate`]) shuts the gate and waits for the
+//! calls already inside before finalization starts.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -25,6 +35,49 @@ use crate::errors::BusError;
 const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// Set by the `atexit` hook: the interpreter is about to finalize.
+static PYTHON_EXITING: AtomicBool = AtomicBool::new(false);
+/// Runtime threads inside (or entering) [`attach_unless_exiting`].
+static PYTHON_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How long the `atexit` hook waits for runtime threads already calling
+/// into Python. Those calls are short (`call_soon_threadsafe`); the bound
+/// only keeps a wedged thread from hanging the exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Run `f` with the GIL from a runtime thread, unless the interpreter is
+/// shutting down (then `None`: nobody is waiting for the result any more).
+pub fn attach_unless_exiting<R>(f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            PYTHON_CALLS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    // Announce first, then check: with the hook's store-then-load (both
+    // SeqCst) either this call sees the flag or the hook sees this call.
+    PYTHON_CALLS.fetch_add(1, Ordering::SeqCst);
+    let _leave = Leave;
+    if PYTHON_EXITING.load(Ordering::SeqCst) {
+        return None;
+    }
+    Some(Python::attach(f))
+}
+
+/// The `atexit` hook registered when the module is imported: no runtime
+/// thread enters Python from now on, and those inside have left when it
+/// returns. Waits with the GIL released, so they can finish.
+#[pyfunction]
+pub fn close_python_gate(py: Python<'_>) {
+    PYTHON_EXITING.store(true, Ordering::SeqCst);
+    py.detach(|| {
+        let deadline = Instant::now() + EXIT_WAIT;
+        while PYTHON_CALLS.load(Ordering::SeqCst) != 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
 
 pub fn runtime() -> Result<&'static Runtime, BusError> {
     if let Some(rt) = RUNTIME.get() {
@@ -130,7 +183,7 @@ where
     let (loop_ref, future_ref) = (event_loop.unbind(), py_future.clone().unbind());
     let task = runtime()?.spawn(async move {
         let out = fut.await;
-        Python::attach(|py| {
+        attach_unless_exiting(|py| {
             let (ok, value) = match out.map_err(|e| e.to_pyerr(py)) {
                 Ok(v) => match v.into_py_any(py) {
                     Ok(obj) => (true, obj),
