@@ -109,6 +109,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use disk::MAX_ENTRY_BODY_BYTES;
 use disk::{IndexEntry, SegMeta, SEG_HEADER_BYTES};
+pub use writer::OnDurable;
 
 /// Smallest accepted `segment_max_bytes`: below one page a segment is all
 /// header and file overhead (tests use this to force many rolls).
@@ -683,12 +684,38 @@ impl PartitionLog {
     /// ticket completes once the group holding them is written and fsynced.
     /// The body CRC is verified here: a bad one would read back as a torn
     /// tail after a crash.
-    pub fn append(&self, mut entries: Vec<Entry>) -> Result<AppendTicket, LogError> {
+    pub fn append(&self, entries: Vec<Entry>) -> Result<AppendTicket, LogError> {
         if entries.is_empty() {
             return Ok(AppendTicket {
                 inner: TicketInner::Ready(Some(Ok(Vec::new()))),
             });
         }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(
+            entries,
+            Box::new(move |res| {
+                let _ = tx.send(res);
+            }),
+        )?;
+        Ok(AppendTicket {
+            inner: TicketInner::Waiting(rx),
+        })
+    }
+
+    /// Like [`append`](Self::append), but instead of a ticket to await,
+    /// `on_durable` is called with the outcome on the log's writer thread,
+    /// right after the group's fsync: no task has to wake up to pass the
+    /// news on. It must be quick and must not block. Not called when this
+    /// returns an error. Empty `entries` complete at once, here.
+    pub fn append_then(&self, entries: Vec<Entry>, on_durable: OnDurable) -> Result<(), LogError> {
+        if entries.is_empty() {
+            on_durable(Ok(Vec::new()));
+            return Ok(());
+        }
+        self.enqueue(entries, on_durable)
+    }
+
+    fn enqueue(&self, mut entries: Vec<Entry>, on_durable: OnDurable) -> Result<(), LogError> {
         let mut bytes = 0u64;
         for e in &entries {
             let h = &e.header;
@@ -766,24 +793,27 @@ impl PartitionLog {
             last_log_id,
             next_offset,
         };
-        let (tx, rx) = oneshot::channel();
         let req = writer::Request::Append(writer::AppendReq {
             epoch: enq.epoch,
             seq,
             bytes,
             records,
-            tx,
+            done: writer::Durable::new(on_durable),
         });
         self.inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         self.inner.queued_entries.fetch_add(n, Ordering::AcqRel);
         // Sent under the enqueue lock: channel order is index order.
-        let sent = enq.tx.as_ref().map(|t| t.send(req));
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(LogError::Closed);
+        match enq.tx.as_ref().map(|t| t.send(req)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(unsent)) => {
+                // The error below is the answer; the completion is not.
+                if let writer::Request::Append(a) = unsent.0 {
+                    a.done.disarm();
+                }
+                Err(LogError::Closed)
+            }
+            None => Err(LogError::Closed),
         }
-        Ok(AppendTicket {
-            inner: TicketInner::Waiting(rx),
-        })
     }
 
     /// What the next append must continue from.

@@ -695,6 +695,75 @@ async fn non_contiguous_and_invalid_appends_are_refused() {
 }
 
 #[tokio::test]
+async fn append_then_reports_on_the_writer_thread_after_the_fsync() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    // What each callback saw: its outcome, its thread, the durable position.
+    let (tx, rx) = mpsc::channel();
+    let report = |tx: mpsc::Sender<_>, log: Arc<PartitionLog>| -> OnDurable {
+        Box::new(move |res: Result<Vec<Appended>, LogError>| {
+            let thread = std::thread::current().name().map(str::to_owned);
+            let durable = log.flushed().borrow().last_index;
+            let _ = tx.send((
+                res.map(|a| a.iter().map(|x| x.base_offset).collect::<Vec<_>>()),
+                thread,
+                durable,
+            ));
+        })
+    };
+    log.append_then(
+        vec![data(1, 3, 10), data(2, 2, 10)],
+        report(tx.clone(), log.clone()),
+    )
+    .unwrap();
+    let (res, thread, durable) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(res.unwrap(), vec![0, 3]);
+    assert_eq!(thread.as_deref(), Some("arrowbus-log-writer"));
+    assert_eq!(
+        durable, 2,
+        "called before the group was published as durable"
+    );
+
+    // A refused append never calls back: its error is the answer.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = |calls: Arc<AtomicUsize>| -> OnDurable {
+        Box::new(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    assert!(matches!(
+        log.append_then(vec![data(9, 1, 1)], counted(calls.clone())),
+        Err(LogError::NonContiguous {
+            expected: 3,
+            got: 9
+        })
+    ));
+    // Empty appends complete at once, on the caller's thread.
+    log.append_then(vec![], report(tx.clone(), log.clone()))
+        .unwrap();
+    let (res, thread, _) = rx.try_recv().unwrap();
+    assert_eq!(res.unwrap(), Vec::<u64>::new());
+    assert_eq!(thread, std::thread::current().name().map(str::to_owned));
+    // Later appends still report in order; the refused one stayed silent.
+    for i in 3..=5 {
+        log.append_then(vec![data(i, 1, 1)], report(tx.clone(), log.clone()))
+            .unwrap();
+    }
+    let offsets: Vec<u64> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().0.unwrap()[0])
+        .collect();
+    assert_eq!(offsets, vec![5, 6, 7]);
+    log.close();
+    assert!(matches!(
+        log.append_then(vec![data(6, 1, 1)], counted(calls.clone())),
+        Err(LogError::Closed)
+    ));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn zero_row_and_raft_entries_take_no_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();

@@ -42,7 +42,43 @@ pub(crate) struct AppendReq {
     pub seq: u64,
     pub bytes: u64,
     pub records: Vec<Record>,
-    pub tx: oneshot::Sender<Result<Vec<Appended>, LogError>>,
+    pub done: Durable,
+}
+
+/// What to do with an append's outcome, called on the writer thread once
+/// its group is durable (or has failed). It must be quick and must not
+/// block: the next group waits for it.
+pub type OnDurable = Box<dyn FnOnce(Result<Vec<Appended>, LogError>) + Send>;
+
+/// An append's completion, answered exactly once: by [`Durable::send`], or
+/// with [`LogError::Closed`] when the request is dropped unanswered (the
+/// writer stopped), so a waiter never hangs.
+pub(crate) struct Durable(Option<OnDurable>);
+
+impl Durable {
+    pub fn new(f: OnDurable) -> Self {
+        Self(Some(f))
+    }
+
+    pub fn send(mut self, res: Result<Vec<Appended>, LogError>) {
+        if let Some(f) = self.0.take() {
+            f(res);
+        }
+    }
+
+    /// Forget the completion without calling it: the caller reports the
+    /// failure itself.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(LogError::Closed));
+        }
+    }
 }
 
 pub(crate) struct TruncateReq {
@@ -279,7 +315,7 @@ impl Writer {
         }
         if self.inner.failed.load(Ordering::Acquire) {
             for r in reqs {
-                let _ = r.tx.send(Err(LogError::Failed));
+                r.done.send(Err(LogError::Failed));
             }
             return;
         }
@@ -287,7 +323,7 @@ impl Writer {
         for r in reqs {
             match self.stale(r.epoch) {
                 Some(e) => {
-                    let _ = r.tx.send(Err(e));
+                    r.done.send(Err(e));
                 }
                 None => live.push(r),
             }
@@ -312,20 +348,20 @@ impl Writer {
                 if let Err(fatal) = self.rollback(start.0, start.1) {
                     self.go_failed(&fatal);
                     for r in live {
-                        let _ = r.tx.send(Err(LogError::Failed));
+                        r.done.send(Err(LogError::Failed));
                     }
                     return;
                 }
                 self.abort_queue(&e, start.0);
                 for r in live {
-                    let _ = r.tx.send(Err(e.duplicate()));
+                    r.done.send(Err(e.duplicate()));
                 }
                 return;
             }
             Err(Fail::Fatal(e)) => {
                 self.go_failed(&e);
                 for r in live {
-                    let _ = r.tx.send(Err(LogError::Failed));
+                    r.done.send(Err(LogError::Failed));
                 }
                 return;
             }
@@ -340,7 +376,7 @@ impl Writer {
             }
         }
         for (r, out) in live.into_iter().zip(results) {
-            let _ = r.tx.send(Ok(out));
+            r.done.send(Ok(out));
         }
     }
 
