@@ -41,8 +41,9 @@ struct Inner {
     dir: PathBuf,
     /// Appended, not yet durable, by index. Each carries the base offset the
     /// log assigns it, so a reader sees the same header before and after
-    /// the flush.
-    pending: Mutex<BTreeMap<u64, Entry>>,
+    /// the flush. Shared on its own with the log's flush callbacks, which
+    /// must not hold the log itself (see `append`).
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
     vote: Mutex<Option<Vote>>,
     /// The commit index, as a restart hint.
     committed: Mutex<HintFile>,
@@ -56,7 +57,7 @@ impl LogStore {
             inner: Arc::new(Inner {
                 log,
                 dir: dir.to_owned(),
-                pending: Mutex::new(BTreeMap::new()),
+                pending: Arc::new(Mutex::new(BTreeMap::new())),
                 vote: Mutex::new(vote),
                 committed: Mutex::new(HintFile::new(&dir.join(COMMITTED_FILE))),
             }),
@@ -243,11 +244,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Completed on the log's writer thread right after the fsync: no
         // task wakes up in between to tell openraft (one hop less on every
-        // publish's path to its ack).
-        let inner = self.inner.clone();
+        // publish's path to its ack). It holds the pending map only: were
+        // it to hold the last reference to the log, dropping it on the
+        // writer thread would make that thread wait for itself to stop.
+        let pending_map = self.inner.pending.clone();
         let on_durable: crate::log::OnDurable = Box::new(move |res| {
             {
-                let mut pending = lock(&inner.pending);
+                let mut pending = lock(&pending_map);
                 // Only what this append put there: a truncation may have
                 // replaced entries at these indexes meanwhile.
                 for e in &kept {

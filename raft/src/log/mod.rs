@@ -705,7 +705,9 @@ impl PartitionLog {
     /// Like [`append`](Self::append), but instead of a ticket to await,
     /// `on_durable` is called with the outcome on the log's writer thread,
     /// right after the group's fsync: no task has to wake up to pass the
-    /// news on. It must be quick and must not block. Not called when this
+    /// news on. It must be quick and must not block. It should not own a
+    /// reference to this log: if it holds the last one, the log closes in
+    /// the background once its queue is empty. Not called when this
     /// returns an error. Empty `entries` complete at once, here.
     pub fn append_then(&self, entries: Vec<Entry>, on_durable: OnDurable) -> Result<(), LogError> {
         if entries.is_empty() {
@@ -1372,6 +1374,21 @@ impl PartitionLog {
         lock(&self.inner.enq).tx = None;
         let handle = lock(&self.writer).take();
         if let Some(h) = handle {
+            if h.thread().id() == std::thread::current().id() {
+                // Dropped from its own writer thread (a completion that held
+                // the last reference): joining here would wait forever. It
+                // stops by itself once the queue is empty; the directory
+                // stays locked until then.
+                tracing::error!(dir = %self.inner.dir.display(), "partition log closed from its own writer thread");
+                let dir_lock = lock(&self.dir_lock).take();
+                let _ = std::thread::Builder::new()
+                    .name("arrowbus-log-closer".into())
+                    .spawn(move || {
+                        let _ = h.join();
+                        drop(dir_lock);
+                    });
+                return;
+            }
             if h.join().is_err() {
                 tracing::error!(dir = %self.inner.dir.display(), "partition log writer panicked");
             }

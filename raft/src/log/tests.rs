@@ -764,6 +764,54 @@ async fn append_then_reports_on_the_writer_thread_after_the_fsync() {
 }
 
 #[tokio::test]
+async fn a_completion_holding_the_last_reference_closes_the_log_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let held = log.clone();
+    let tx1 = tx.clone();
+    log.append_then(
+        vec![data(1, 4, 100)],
+        Box::new(move |res| {
+            let _ = tx1.send(res.map(|a| a.len()));
+            // The writer thread drops `held` after this returns.
+            let _keep = &held;
+        }),
+    )
+    .unwrap();
+    // Queued behind it: still written and reported after the close began.
+    log.append_then(
+        vec![data(2, 3, 100)],
+        Box::new(move |res| {
+            let _ = tx.send(res.map(|a| a.len()));
+        }),
+    )
+    .unwrap();
+    drop(log);
+    for _ in 0..2 {
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+            1
+        );
+    }
+    // The directory unlocks once the writer has stopped; then it reopens
+    // with the entry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        match PartitionLog::open(dir.path(), small_cfg()) {
+            Ok((log, _)) => break log,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the log did not close: {e}"),
+        }
+    };
+    assert_eq!(log.stats().last_index, 2);
+    assert_eq!(log.stats().next_offset, 7);
+}
+
+#[tokio::test]
 async fn zero_row_and_raft_entries_take_no_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = PartitionLog::open(dir.path(), small_cfg()).unwrap();
