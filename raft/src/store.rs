@@ -235,7 +235,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         };
-        let indexes: Vec<(u64, LogId)> = kept.iter().map(|e| (e.index(), e.log_id())).collect();
+        let first = kept.first().map_or(last.index, |e| e.index());
         {
             let mut pending = lock(&self.inner.pending);
             for e in &kept {
@@ -269,11 +269,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         });
         if let Err(e) = self.inner.log.append_then(records, on_durable) {
             // Not called on an error: undo what this append registered.
+            // Nothing else changed them meanwhile (openraft calls the store
+            // one method at a time, `&mut self`).
             let mut pending = lock(&self.inner.pending);
-            for (index, log_id) in indexes {
-                if pending.get(&index).map(|p| p.log_id()) == Some(log_id) {
-                    pending.remove(&index);
-                }
+            for index in first..=last.index {
+                pending.remove(&index);
             }
             return Err(io_err(e));
         }
