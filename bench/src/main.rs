@@ -19,6 +19,7 @@ mod latency;
 mod report;
 mod run;
 mod spawn;
+mod transport;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,13 @@ enum Cmd {
     /// arrowbus side by side with Apache Kafka, NATS JetStream and Redis
     /// Streams on this machine (peers need `--features compare`).
     Compare(compare::CompareArgs),
+    /// The transport alone: producer → relay → subscriber over QUIC with
+    /// busd's and the client's own settings, no broker work; the ceiling
+    /// for `run`'s throughput and the floor for its latency.
+    Transport(transport::TransportArgs),
+    /// The relay process of `transport` (started by it).
+    #[command(hide = true)]
+    TransportRelay(transport::RelayArgs),
 }
 
 #[derive(Args, Clone)]
@@ -243,6 +251,8 @@ fn main() -> ExitCode {
         Cmd::Failover(a) => failover::cmd_failover(a).map(|()| true),
         Cmd::Heartbeat(a) => heartbeat::cmd_heartbeat(a).map(|()| true),
         Cmd::Compare(a) => compare::cmd_compare(a).map(|()| true),
+        Cmd::Transport(a) => transport::cmd_transport(a).map(|()| true),
+        Cmd::TransportRelay(a) => transport::cmd_relay(a).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -39,6 +39,8 @@ pub use arrowbus_wire::{
 
 pub use admin::{Admin, NewTopic};
 pub use config::{ClientConfig, Profile};
+#[doc(hidden)]
+pub use conn::quic_client_config;
 pub use error::{Error, Result};
 pub use linger::{arrow_memory_bytes, slice_by_memory, LINGER_BYTES_MAX};
 pub use producer::{Ack, PendingAck, Producer, ProducerConfig};
