@@ -20,6 +20,7 @@ mod report;
 mod run;
 mod spawn;
 mod transport;
+mod transport_disk;
 mod workload;
 
 use std::path::{Path, PathBuf};

@@ -83,6 +83,16 @@ pub struct TransportArgs {
     /// as a 3-replica partition acks).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub replicas: Vec<usize>,
+    /// Make every relay append each message to a file in this directory
+    /// with `O_DIRECT` and `fdatasync` (group commit, as busd's log writer
+    /// with `fsync = always`) before it counts toward the commit: the
+    /// floor of a durable broker. Unset: held in memory only.
+    #[arg(long)]
+    pub sync_dir: Option<PathBuf>,
+    /// Publish alone: no subscriber, throughput and latency from the acks
+    /// (the relay only stores and acks; one QUIC hop instead of two).
+    #[arg(long)]
+    pub no_subscriber: bool,
     /// Scratch directory for the relay's certificates and reset key.
     #[arg(long, default_value = "/tmp/busbench-transport")]
     pub work_dir: PathBuf,
@@ -100,6 +110,10 @@ pub struct RelayArgs {
     /// Follower relays (`HOST:PORT`) every message is also sent to.
     #[arg(long, value_delimiter = ',')]
     pub followers: Vec<String>,
+    /// Append every message to a file here (O_DIRECT, fdatasync, group
+    /// commit) before it counts as held.
+    #[arg(long)]
+    pub sync_dir: Option<PathBuf>,
 }
 
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -140,7 +154,7 @@ pub fn cmd_relay(a: RelayArgs) -> anyhow::Result<()> {
         let crypto = arrowbus_broker::tls::server_crypto(&files, Some(&ca))
             .context("loading the certificate")?;
         let endpoint = arrowbus_broker::server::bind_endpoint(&config, crypto)?;
-        let followers = Arc::new(Followers::connect(&files, &ca, &a.followers).await?);
+        let repl = Replication::connect(&files, &ca, &a.followers, a.sync_dir.as_deref()).await?;
         let port = endpoint.local_addr().context("bound address")?.port();
         {
             let mut out = std::io::stdout().lock();
@@ -150,14 +164,14 @@ pub fn cmd_relay(a: RelayArgs) -> anyhow::Result<()> {
         let subscriber: Arc<Mutex<Option<mpsc::Sender<Bytes>>>> = Arc::new(Mutex::new(None));
         while let Some(incoming) = endpoint.accept().await {
             let subscriber = subscriber.clone();
-            let followers = followers.clone();
+            let repl = repl.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let subscriber = subscriber.clone();
-                    let followers = followers.clone();
+                    let repl = repl.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = relay_stream(send, recv, subscriber, followers).await {
+                        if let Err(e) = relay_stream(send, recv, subscriber, repl).await {
                             eprintln!("transport-relay: stream ended: {e:#}");
                         }
                     });
@@ -172,7 +186,7 @@ async fn relay_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     subscriber: Arc<Mutex<Option<mpsc::Sender<Bytes>>>>,
-    followers: Arc<Followers>,
+    repl: Arc<Replication>,
 ) -> anyhow::Result<()> {
     let mut role = [0u8; 1];
     recv.read_exact(&mut role)
@@ -191,23 +205,28 @@ async fn relay_stream(
             Ok(())
         }
         ROLE_PRODUCER => {
-            // Acks go out in order from their own task once the message is
-            // on a quorum, while the next messages are read (busd pipelines
-            // a producer's batches the same way).
-            let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
-            let quorum = followers.quorum.clone();
-            let acker = tokio::spawn(async move {
-                let mut quorum = quorum.subscribe();
-                while let Some((n, seq)) = ack_rx.recv().await {
-                    if quorum.wait_for(|q| *q > n).await.is_err() {
+            // Once a message is committed (durable on a quorum) it is acked
+            // and handed to the subscriber, in order, by its own task while
+            // the next messages are read: busd pipelines a producer's
+            // batches the same way and delivers only what is committed.
+            let (commit_tx, mut commit_rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
+            let committed = repl.committed.clone();
+            let committer = tokio::spawn(async move {
+                let mut committed = committed.subscribe();
+                while let Some((n, body)) = commit_rx.recv().await {
+                    if committed.wait_for(|c| *c > n).await.is_err() {
                         break;
                     }
-                    if send.write_all(&seq).await.is_err() {
+                    if send.write_all(&body[..8]).await.is_err() {
                         break;
+                    }
+                    let to = lock(&subscriber).clone();
+                    if let Some(to) = to {
+                        // A gone subscriber only means nobody is measuring.
+                        let _ = to.send(body).await;
                     }
                 }
             });
-            let mut n = followers.sent.load(Ordering::Acquire);
             loop {
                 let Some(len) = read_len(&mut recv).await? else {
                     break;
@@ -218,43 +237,40 @@ async fn relay_stream(
                         .await
                         .context("reading a message")?,
                 );
-                let seq = body.slice(..8);
-                followers.send(&body).await?;
-                let to = lock(&subscriber).clone();
-                if let Some(to) = to {
-                    // A gone subscriber only means nobody is measuring.
-                    let _ = to.send(body).await;
-                }
-                let _ = ack_tx.send((n, seq));
-                n += 1;
+                let n = repl.append(&body).await?;
+                let _ = commit_tx.send((n, body));
             }
-            drop(ack_tx);
-            let _ = acker.await;
+            drop(commit_tx);
+            let _ = committer.await;
             Ok(())
         }
         other => bail!("unknown role byte {other}"),
     }
 }
 
-/// The leader relay's links to its followers. `quorum` counts the messages
-/// (over the relay's life) that at least one follower has acked, or all
-/// messages when there are no followers.
-struct Followers {
+/// A relay's copy of the messages and its links to followers.
+/// `counts[0]` is how many messages this relay holds (durably, with a sync
+/// directory), `counts[i]` how many follower `i` has acked; `committed`
+/// is how many are on a majority of the replicas (over the relay's life).
+struct Replication {
     links: Vec<tokio::sync::Mutex<quinn::SendStream>>,
     _conns: Vec<quinn::Connection>,
-    sent: AtomicU64,
-    quorum: tokio::sync::watch::Sender<u64>,
+    disk: Option<std::sync::mpsc::Sender<Bytes>>,
+    appended: AtomicU64,
+    counts: Mutex<Vec<u64>>,
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
-impl Followers {
+impl Replication {
     async fn connect(
         files: &arrowbus_broker::tls::TlsFiles,
         ca: &Path,
         addrs: &[String],
-    ) -> anyhow::Result<Self> {
-        let quorum = tokio::sync::watch::Sender::new(0u64);
+        sync_dir: Option<&Path>,
+    ) -> anyhow::Result<Arc<Self>> {
         let mut links = Vec::new();
         let mut conns = Vec::new();
+        let mut ack_streams = Vec::new();
         if !addrs.is_empty() {
             let peer = arrowbus_broker::tls::peer_client_config(files, ca)
                 .context("peer client settings")?;
@@ -267,42 +283,80 @@ impl Followers {
             for a in addrs {
                 let addr: SocketAddr = a.parse().with_context(|| format!("follower {a}"))?;
                 let conn = endpoint.connect(addr, "localhost")?.await?;
-                let (mut send, mut recv) = conn.open_bi().await?;
+                let (mut send, recv) = conn.open_bi().await?;
                 send.write_all(&[ROLE_PRODUCER]).await?;
-                let quorum = quorum.clone();
-                tokio::spawn(async move {
-                    let mut acked = 0u64;
-                    let mut a = [0u8; 8];
-                    while recv.read_exact(&mut a).await.is_ok() {
-                        acked += 1;
-                        quorum.send_if_modified(|q| {
-                            let more = acked > *q;
-                            if more {
-                                *q = acked;
-                            }
-                            more
-                        });
-                    }
-                });
                 links.push(tokio::sync::Mutex::new(send));
+                ack_streams.push(recv);
                 conns.push(conn);
             }
         }
-        Ok(Self {
+        let (disk, disk_rx) = match sync_dir {
+            Some(_) => {
+                let (tx, rx) = std::sync::mpsc::channel::<Bytes>();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let repl = Arc::new(Self {
             links,
             _conns: conns,
-            sent: AtomicU64::new(0),
-            quorum,
-        })
+            disk,
+            appended: AtomicU64::new(0),
+            counts: Mutex::new(vec![0; addrs.len() + 1]),
+            committed: tokio::sync::watch::Sender::new(0),
+        });
+        for (i, mut recv) in ack_streams.into_iter().enumerate() {
+            let repl = repl.clone();
+            tokio::spawn(async move {
+                let mut a = [0u8; 8];
+                while recv.read_exact(&mut a).await.is_ok() {
+                    repl.held(i + 1, 1);
+                }
+            });
+        }
+        if let (Some(dir), Some(rx)) = (sync_dir, disk_rx) {
+            let file = crate::transport_disk::DirectFile::create(dir)?;
+            let repl = repl.clone();
+            std::thread::Builder::new()
+                .name("relay-log-writer".into())
+                .spawn(move || {
+                    if let Err(e) =
+                        crate::transport_disk::write_loop(file, &rx, |n| repl.held(0, n))
+                    {
+                        eprintln!("transport-relay: disk writer stopped: {e:#}");
+                    }
+                })
+                .context("starting the disk writer")?;
+        }
+        Ok(repl)
     }
 
-    /// Send `body` to every follower (all links written before returning,
-    /// as a Raft leader appends to every follower).
-    async fn send(&self, body: &Bytes) -> anyhow::Result<()> {
-        let n = self.sent.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.links.is_empty() {
-            self.quorum.send_replace(n);
-            return Ok(());
+    /// Replica `who` holds `more` further messages: recompute the commit.
+    fn held(&self, who: usize, more: u64) {
+        let c = {
+            let mut counts = lock(&self.counts);
+            counts[who] += more;
+            majority_holds(&counts)
+        };
+        self.committed.send_if_modified(|q| {
+            let more = c > *q;
+            if more {
+                *q = c;
+            }
+            more
+        });
+    }
+
+    /// Store `body` here and send it to every follower (all links written
+    /// before returning, as a Raft leader appends to every follower).
+    /// Returns its number: committed once `committed` exceeds it.
+    async fn append(&self, body: &Bytes) -> anyhow::Result<u64> {
+        let n = self.appended.fetch_add(1, Ordering::AcqRel);
+        match &self.disk {
+            Some(d) => d
+                .send(body.clone())
+                .map_err(|_| anyhow::anyhow!("the disk writer stopped"))?,
+            None => self.held(0, 1),
         }
         let len = Bytes::copy_from_slice(&(body.len() as u64).to_le_bytes());
         for l in &self.links {
@@ -312,8 +366,16 @@ impl Followers {
                 .await
                 .context("sending to a follower")?;
         }
-        Ok(())
+        Ok(n)
     }
+}
+
+/// How many messages a majority of the replicas hold, given how many each
+/// holds: the (n/2 + 1)-th largest count.
+fn majority_holds(counts: &[u64]) -> u64 {
+    let mut sorted = counts.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.get(counts.len() / 2).copied().unwrap_or(0)
 }
 
 /// The next message's length; `None` at a clean end of the stream.
@@ -347,13 +409,16 @@ struct Relay {
 }
 
 impl Relay {
-    fn start(dir: &Path, followers: &[String]) -> anyhow::Result<Self> {
+    fn start(dir: &Path, followers: &[String], sync_dir: Option<&Path>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let exe = std::env::current_exe().context("locating busbench")?;
         let mut cmd = Command::new(exe);
         cmd.arg("transport-relay").arg("--dir").arg(dir);
         if !followers.is_empty() {
             cmd.arg("--followers").arg(followers.join(","));
+        }
+        if let Some(d) = sync_dir {
+            cmd.arg("--sync-dir").arg(d);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -406,17 +471,16 @@ impl Drop for Relay {
     }
 }
 
-/// One connected producer/subscriber pair.
+/// A connected producer and, unless publishing alone, a subscriber.
 struct Pair {
     _endpoint: quinn::Endpoint,
-    _conns: [quinn::Connection; 2],
+    _conns: Vec<quinn::Connection>,
     psend: quinn::SendStream,
     precv: quinn::RecvStream,
-    srecv: quinn::RecvStream,
-    _ssend: quinn::SendStream,
+    sub: Option<(quinn::SendStream, quinn::RecvStream)>,
 }
 
-async fn connect(relay: &Relay) -> anyhow::Result<Pair> {
+async fn connect(relay: &Relay, subscribe: bool) -> anyhow::Result<Pair> {
     let cfg = arrowbus::ClientConfig::new(relay.addr.clone()).with_ca(&relay.ca);
     let client = arrowbus::quic_client_config(&cfg).context("client QUIC settings")?;
     let bind: SocketAddr = "127.0.0.1:0".parse().context("bind address")?;
@@ -428,21 +492,27 @@ async fn connect(relay: &Relay) -> anyhow::Result<Pair> {
     // Two connections, as a producer and a subscriber in two processes
     // would have (the client opens one per node and shares it; busbench's
     // `run` shares one: this is the stricter setup for the relay).
-    let sconn = endpoint.connect(addr, "localhost")?.await?;
-    let (mut ssend, srecv) = sconn.open_bi().await?;
-    ssend.write_all(&[ROLE_SUBSCRIBER]).await?;
-    // The relay registers the subscriber when it reads the role byte.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut conns = Vec::new();
+    let mut sub = None;
+    if subscribe {
+        let sconn = endpoint.connect(addr, "localhost")?.await?;
+        let (mut ssend, srecv) = sconn.open_bi().await?;
+        ssend.write_all(&[ROLE_SUBSCRIBER]).await?;
+        // The relay registers the subscriber when it reads the role byte.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conns.push(sconn);
+        sub = Some((ssend, srecv));
+    }
     let pconn = endpoint.connect(addr, "localhost")?.await?;
     let (mut psend, precv) = pconn.open_bi().await?;
     psend.write_all(&[ROLE_PRODUCER]).await?;
+    conns.push(pconn);
     Ok(Pair {
         _endpoint: endpoint,
-        _conns: [sconn, pconn],
+        _conns: conns,
         psend,
         precv,
-        srecv,
-        _ssend: ssend,
+        sub,
     })
 }
 
@@ -452,8 +522,11 @@ struct PhaseOut {
     replicas: usize,
     size: usize,
     rate: Option<f64>,
-    /// Delivered messages and bytes inside the measured window.
-    delivered: u64,
+    /// Messages acked inside the measured window, and their latency
+    /// (intended send → ack).
+    acked: u64,
+    ack: Option<Summary>,
+    /// Bytes delivered inside the measured window (0 when publishing alone).
     delivered_bytes: u64,
     window: Duration,
     e2e: Option<Summary>,
@@ -466,10 +539,15 @@ impl PhaseOut {
     fn mb_per_s(&self) -> f64 {
         self.delivered_bytes as f64 / self.window.as_secs_f64() / 1e6
     }
+
+    fn acked_mb_per_s(&self) -> f64 {
+        (self.acked * self.size as u64) as f64 / self.window.as_secs_f64() / 1e6
+    }
 }
 
 /// Run one phase on a fresh producer/subscriber pair: closed loop with the
 /// producer window full (`rate` None) or paced at `rate` messages/s.
+#[allow(clippy::too_many_arguments)]
 async fn phase(
     relay: &Relay,
     replicas: usize,
@@ -477,58 +555,66 @@ async fn phase(
     rate: Option<f64>,
     warmup: Duration,
     duration: Duration,
+    subscribe: bool,
 ) -> anyhow::Result<PhaseOut> {
-    let pair = connect(relay).await?;
+    let pair = connect(relay, subscribe).await?;
     let Pair {
         _endpoint,
         _conns,
         mut psend,
         mut precv,
-        mut srecv,
-        _ssend,
+        sub,
     } = pair;
     let clock = Clock::now();
     let measure_from = clock.start + warmup;
     let end = measure_from + duration;
 
     // Subscriber: every delivery after the warm-up counts.
-    let sub = tokio::spawn(async move {
-        let mut e2e = Latency::new()?;
-        let (mut n, mut bytes, mut last_seq) = (0u64, 0u64, None::<u64>);
-        loop {
-            let Some(len) = read_len(&mut srecv).await? else {
-                break;
-            };
-            let m = arrowbus_quic::read_exact_vec(&mut srecv, len).await?;
-            let now = Instant::now();
-            let (seq, intended_us) = stamp_of(&m);
-            if seq == END_OF_PHASE {
-                break;
-            }
-            if let Some(l) = last_seq {
-                if seq != l + 1 {
-                    bail!("delivery {seq} after {l}: the relay lost or reordered a message");
+    let sub = sub.map(|(_ssend, mut srecv)| {
+        tokio::spawn(async move {
+            let _ssend = _ssend;
+            let mut e2e = Latency::new()?;
+            let (mut n, mut bytes, mut last_seq) = (0u64, 0u64, None::<u64>);
+            loop {
+                let Some(len) = read_len(&mut srecv).await? else {
+                    break;
+                };
+                let m = arrowbus_quic::read_exact_vec(&mut srecv, len).await?;
+                let now = Instant::now();
+                let (seq, intended_us) = stamp_of(&m);
+                if seq == END_OF_PHASE {
+                    break;
+                }
+                if let Some(l) = last_seq {
+                    if seq != l + 1 {
+                        bail!("delivery {seq} after {l}: the relay lost or reordered a message");
+                    }
+                }
+                last_seq = Some(seq);
+                if now >= measure_from && now < end {
+                    n += 1;
+                    bytes += m.len() as u64;
+                    let lat_us = clock.micros_of(now) - intended_us;
+                    e2e.record(Duration::from_micros(lat_us.max(0) as u64));
                 }
             }
-            last_seq = Some(seq);
-            if now >= measure_from && now < end {
-                n += 1;
-                bytes += m.len() as u64;
-                let lat_us = clock.micros_of(now) - intended_us;
-                e2e.record(Duration::from_micros(lat_us.max(0) as u64));
-            }
-        }
-        anyhow::Ok((n, bytes, e2e, last_seq.map_or(0, |l| l + 1)))
+            anyhow::Ok((n, bytes, e2e, last_seq.map_or(0, |l| l + 1)))
+        })
     });
 
-    // Acks release the window, in order.
+    // Acks release the window, in order; each is timed from its message's
+    // intended send time (queued by the pacer before the send).
     let window = Arc::new(Semaphore::new(WINDOW));
+    let intended_q = Arc::new(Mutex::new(std::collections::VecDeque::<Instant>::new()));
     let acks = {
         let window = window.clone();
+        let intended_q = intended_q.clone();
         tokio::spawn(async move {
-            let mut next = 0u64;
+            let mut lat = Latency::new()?;
+            let (mut next, mut in_window) = (0u64, 0u64);
             let mut a = [0u8; 8];
             while precv.read_exact(&mut a).await.is_ok() {
+                let now = Instant::now();
                 let seq = u64::from_le_bytes(a);
                 if seq == END_OF_PHASE {
                     break;
@@ -536,10 +622,15 @@ async fn phase(
                 if seq != next {
                     bail!("ack {seq} where {next} was due");
                 }
+                let intended = lock(&intended_q).pop_front();
+                if let (Some(t), true) = (intended, now >= measure_from && now < end) {
+                    in_window += 1;
+                    lat.record(now.saturating_duration_since(t));
+                }
                 next += 1;
                 window.add_permits(1);
             }
-            anyhow::Ok(next)
+            anyhow::Ok((next, in_window, lat))
         })
     };
 
@@ -577,6 +668,7 @@ async fn phase(
                     let len = Bytes::copy_from_slice(&(m.len() as u64).to_le_bytes());
                     handle.block_on(async {
                         window.acquire().await.context("window closed")?.forget();
+                        lock(&intended_q).push_back(intended);
                         psend
                             .write_all_chunks(&mut [len, Bytes::from(m)])
                             .await
@@ -597,18 +689,32 @@ async fn phase(
         .context("pacer")?
         .map_err(|_| anyhow::anyhow!("the pacer panicked"))??;
     let _ = psend.finish();
-    let (delivered, delivered_bytes, e2e, received) = tokio::time::timeout(DRAIN_TIMEOUT, sub)
+    let (acked_total, acked, ack) = tokio::time::timeout(DRAIN_TIMEOUT, acks)
         .await
-        .context("the subscriber did not reach the end of the phase")???;
-    if received != sent {
-        bail!("{sent} messages sent, {received} delivered: the transport lost messages");
+        .context("the acks did not reach the end of the phase")???;
+    if acked_total != sent {
+        bail!("{sent} messages sent, {acked_total} acked: the transport lost acks");
     }
-    if delivered == 0 {
-        bail!("nothing was delivered inside the measured window (is --duration too short?)");
+    if acked == 0 {
+        bail!("nothing was acked inside the measured window (is --duration too short?)");
     }
+    let (delivered_bytes, e2e) = match sub {
+        Some(sub) => {
+            let (delivered, bytes, e2e, received) = tokio::time::timeout(DRAIN_TIMEOUT, sub)
+                .await
+                .context("the subscriber did not reach the end of the phase")???;
+            if received != sent {
+                bail!("{sent} messages sent, {received} delivered: the transport lost messages");
+            }
+            if delivered == 0 {
+                bail!("nothing was delivered inside the measured window");
+            }
+            (bytes, e2e.summary())
+        }
+        None => (0, None),
+    };
     let elapsed = t0.elapsed().as_secs_f64();
     let (cpu1_relay, cpu1_self) = (relay.cpu_s(), cpu_s(std::process::id()));
-    acks.abort();
     Ok(PhaseOut {
         name: match rate {
             Some(r) => format!("R{replicas} {size} B @ {r}/s"),
@@ -617,10 +723,11 @@ async fn phase(
         replicas,
         size,
         rate,
-        delivered,
+        acked,
+        ack: ack.summary(),
         delivered_bytes,
         window: duration,
-        e2e: e2e.summary(),
+        e2e,
         lag: rate.and_then(|_| lag.summary()),
         relay_cpu_pct: 100.0 * (cpu1_relay - cpu0_relay) / elapsed,
         busbench_cpu_pct: 100.0 * (cpu1_self - cpu0_self) / elapsed,
@@ -650,10 +757,10 @@ pub fn cmd_transport(a: TransportArgs) -> anyhow::Result<()> {
         // Followers first: the leader connects to them when it starts.
         let mut followers = Vec::new();
         for _ in 1..r {
-            followers.push(Relay::start(&a.work_dir, &[])?);
+            followers.push(Relay::start(&a.work_dir, &[], a.sync_dir.as_deref())?);
         }
         let addrs: Vec<String> = followers.iter().map(|f| f.addr.clone()).collect();
-        let mut relay = Relay::start(&a.work_dir, &addrs)?;
+        let mut relay = Relay::start(&a.work_dir, &addrs, a.sync_dir.as_deref())?;
         relay.followers = followers;
         measure(&rt, &a, &relay, r, &mut phases)?;
     }
@@ -676,10 +783,19 @@ fn measure(
     phases: &mut Vec<PhaseOut>,
 ) -> anyhow::Result<()> {
     for &size in &a.sizes {
-        let p = rt.block_on(phase(relay, replicas, size, None, a.warmup, a.duration))?;
+        let p = rt.block_on(phase(
+            relay,
+            replicas,
+            size,
+            None,
+            a.warmup,
+            a.duration,
+            !a.no_subscriber,
+        ))?;
         eprintln!(
-            "{}: {:.1} MB/s delivered, relay CPU {:.0} %, busbench CPU {:.0} %",
+            "{}: {:.1} MB/s acked, {:.1} MB/s delivered, relay CPU {:.0} %, busbench CPU {:.0} %",
             p.name,
+            p.acked_mb_per_s(),
             p.mb_per_s(),
             p.relay_cpu_pct,
             p.busbench_cpu_pct
@@ -694,12 +810,15 @@ fn measure(
             Some(rate),
             a.warmup,
             a.duration,
+            !a.no_subscriber,
         ))?;
-        if let Some(s) = p.e2e {
-            eprintln!(
-                "{}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
-                p.name, s.p50_us, s.p99_us, s.p999_us
-            );
+        for (what, s) in [("ack", p.ack), ("e2e", p.e2e)] {
+            if let Some(s) = s {
+                eprintln!(
+                    "{} {what}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                    p.name, s.p50_us, s.p99_us, s.p999_us
+                );
+            }
         }
         phases.push(p);
     }
@@ -721,7 +840,9 @@ fn markdown(a: &TransportArgs, env: &Environment, phases: &[PhaseOut]) -> String
          producer keeps {WINDOW} messages in flight. With replicas N > 1 the relay also sends \
          every message to N - 1 follower relays (separate processes, busd's peer-link TLS \
          settings with client certificates) and acks once one follower has acked it, as a \
-         3-replica partition acks on 2 of 3; *relays' CPU* is then all of them together. Nothing else: no Arrow, no CRC, no log, no \
+         3-replica partition acks on 2 of 3; *relays' CPU* is then all of them together. \
+         A message is acked and delivered once it is committed: held by a majority of the \
+         relays (held = in memory, or written and fdatasynced with --sync-dir). Nothing else: no Arrow, no CRC, no log, no \
          Raft, no disk. Everything shares this machine's CPUs. Warm-up {:?} excluded; \
          {:?} measured per phase. MB = 10^6 bytes.\n\n",
         env.command_line,
@@ -735,40 +856,56 @@ fn markdown(a: &TransportArgs, env: &Environment, phases: &[PhaseOut]) -> String
         a.warmup,
         a.duration,
     );
+    md.push_str(&format!(
+        "Durability: {}. Subscriber: {}.\n\n",
+        match &a.sync_dir {
+            Some(d) => format!("every relay writes each message to a file in `{}` with O_DIRECT and fdatasyncs it (group commit) before it counts", d.display()),
+            None => "none (held in memory)".into(),
+        },
+        if a.no_subscriber { "none (publish alone; latency is intended send → ack)" } else { "one, reading as it goes" },
+    ));
+    let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+    let pair = |s: Option<Summary>| match s {
+        Some(s) => format!("{:.0} / {:.0}", s.p50_us, s.p99_us),
+        None => "–".into(),
+    };
     md.push_str(
         "## Closed loop (producer window full)\n\n\
-         | replicas | message bytes | delivered msgs/s | delivered MB/s | e2e p50 / p99 (µs) | relays' CPU | busbench CPU |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
+         | replicas | message bytes | acked msgs/s | acked MB/s | delivered MB/s | ack p50 / p99 (µs) | e2e p50 / p99 (µs) | relays' CPU | busbench CPU |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in phases.iter().filter(|p| p.rate.is_none()) {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {} | {:.0} % | {:.0} % |\n",
+            "| {} | {} | {:.0} | {:.1} | {} | {} | {} | {:.0} % | {:.0} % |\n",
             p.replicas,
             p.size,
-            p.delivered as f64 / p.window.as_secs_f64(),
-            p.mb_per_s(),
-            p.e2e.map_or("–".into(), |s| format!(
-                "{:.0} / {:.0}",
-                s.p50_us, s.p99_us
-            )),
+            p.acked as f64 / p.window.as_secs_f64(),
+            p.acked_mb_per_s(),
+            if p.e2e.is_some() {
+                format!("{:.1}", p.mb_per_s())
+            } else {
+                "–".into()
+            },
+            pair(p.ack),
+            pair(p.e2e),
             p.relay_cpu_pct,
             p.busbench_cpu_pct,
         ));
     }
     md.push_str(
         "\n## Paced (latency from the intended send time)\n\n\
-         | replicas | message bytes | offered/s | delivered/s | e2e p50 | p90 | p99 | p99.9 | max | pacer lag p99 | relays' CPU |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | replicas | message bytes | offered/s | acked/s | ack p50 / p99 | e2e p50 | p90 | p99 | p99.9 | max | pacer lag p99 | relays' CPU |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in phases.iter().filter(|p| p.rate.is_some()) {
         let s = p.e2e;
-        let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0} % |\n",
+            "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} % |\n",
             p.replicas,
             p.size,
             p.rate.unwrap_or(0.0),
-            p.delivered as f64 / p.window.as_secs_f64(),
+            p.acked as f64 / p.window.as_secs_f64(),
+            pair(p.ack),
             f(s.map(|s| s.p50_us)),
             f(s.map(|s| s.p90_us)),
             f(s.map(|s| s.p99_us)),
@@ -794,6 +931,15 @@ mod tests {
         assert!(parse_bytes("8").is_err(), "below the stamp");
         assert!(parse_bytes("17m").is_err(), "over the batch limit");
         assert!(parse_bytes("ten").is_err());
+    }
+
+    #[test]
+    fn a_majority_is_the_middle_count() {
+        assert_eq!(majority_holds(&[5]), 5, "one replica: itself");
+        assert_eq!(majority_holds(&[5, 3, 9]), 5, "2 of 3 hold 5");
+        assert_eq!(majority_holds(&[0, 3, 2]), 2, "the leader may lag");
+        assert_eq!(majority_holds(&[4, 4, 1, 0, 9]), 4, "3 of 5 hold 4");
+        assert_eq!(majority_holds(&[]), 0);
     }
 
     #[test]
