@@ -197,7 +197,7 @@ async fn relay_stream(
             let (tx, mut rx) = mpsc::channel::<Bytes>(RELAY_QUEUE);
             *lock(&subscriber) = Some(tx);
             while let Some(m) = rx.recv().await {
-                let len = Bytes::copy_from_slice(&(m.len() as u64).to_le_bytes());
+                let len = len_prefix(m.len());
                 send.write_all_chunks(&mut [len, m])
                     .await
                     .context("writing to the subscriber")?;
@@ -358,7 +358,7 @@ impl Replication {
                 .map_err(|_| anyhow::anyhow!("the disk writer stopped"))?,
             None => self.held(0, 1),
         }
-        let len = Bytes::copy_from_slice(&(body.len() as u64).to_le_bytes());
+        let len = len_prefix(body.len());
         for l in &self.links {
             l.lock()
                 .await
@@ -376,6 +376,11 @@ fn majority_holds(counts: &[u64]) -> u64 {
     let mut sorted = counts.to_vec();
     sorted.sort_unstable_by(|a, b| b.cmp(a));
     sorted.get(counts.len() / 2).copied().unwrap_or(0)
+}
+
+/// The 8-byte length that precedes a message of `len` bytes.
+fn len_prefix(len: usize) -> Bytes {
+    Bytes::copy_from_slice(&(len as u64).to_le_bytes())
 }
 
 /// The next message's length; `None` at a clean end of the stream.
@@ -665,7 +670,7 @@ async fn phase(
                     let mut m = template.to_vec();
                     m[..8].copy_from_slice(&seq.to_le_bytes());
                     m[8..16].copy_from_slice(&clock.micros_of(intended).to_le_bytes());
-                    let len = Bytes::copy_from_slice(&(m.len() as u64).to_le_bytes());
+                    let len = len_prefix(m.len());
                     handle.block_on(async {
                         window.acquire().await.context("window closed")?.forget();
                         lock(&intended_q).push_back(intended);
@@ -678,7 +683,7 @@ async fn phase(
                 }
                 let mut last = vec![0u8; STAMP_BYTES];
                 last[..8].copy_from_slice(&END_OF_PHASE.to_le_bytes());
-                let len = Bytes::copy_from_slice(&(STAMP_BYTES as u64).to_le_bytes());
+                let len = len_prefix(STAMP_BYTES);
                 handle.block_on(psend.write_all_chunks(&mut [len, Bytes::from(last)]))?;
                 Ok((psend, lag, seq))
             },
